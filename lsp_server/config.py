@@ -1,0 +1,159 @@
+"""The one typed settings tree: defaults < initializationOptions < workspace/configuration.
+
+Every field has a default and a one-line docstring (the string literal right after it). Invalid values
+keep the previous value and produce one warning each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSettings:
+    path: str = ""
+    """Path to a GGUF file; empty means the installed default model."""
+    name: str = ""
+    """Name of an installed model (see `offpilot models list`); used when `path` is empty."""
+    family: str = "auto"
+    """FIM prompt family (qwen2.5-coder, deepseek-coder, starcoder2, codellama, codestral, codegemma) or auto."""
+    n_ctx: int = 4096
+    """Context length of the model in tokens."""
+    n_threads: int = 0
+    """CPU threads for generation; 0 means one per physical core."""
+    n_gpu_layers: int = 0
+    """Layers offloaded to the GPU (-1: all); needs a GPU build of llama-cpp-python."""
+    prefill_chunk_tokens: int = 128
+    """Prompt tokens evaluated between two cancellation checks."""
+
+
+@dataclass
+class CompletionSettings:
+    enabled: bool = True
+    """Offer inline completions."""
+    max_prefix_tokens: int = 512
+    """Budget in model tokens for the text before the cursor."""
+    max_suffix_tokens: int = 128
+    """Budget in model tokens for the text after the cursor."""
+    max_tokens_single_line: int = 48
+    """Most tokens generated for a single-line suggestion."""
+    max_tokens_multi_line: int = 128
+    """Most tokens generated for a multi-line suggestion."""
+    max_lines: int = 12
+    """Most lines in one multi-line suggestion."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy (deterministic, cache friendly)."""
+    generation_timeout_s: float = 30.0
+    """A generation that takes longer is stopped and answered with what it has."""
+
+
+@dataclass
+class WorkerSettings:
+    restart_backoff_initial_s: float = 1.0
+    """Delay before the first restart of a crashed model worker."""
+    restart_backoff_max_s: float = 60.0
+    """Longest delay between restarts of a crashing model worker."""
+    load_timeout_s: float = 300.0
+    """A model load that takes longer counts as a failed start."""
+
+
+@dataclass
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    """The GGUF model and how it runs."""
+    completion: CompletionSettings = field(default_factory=CompletionSettings)
+    """Inline completion."""
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    """The model worker process."""
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _coerce(value: Any, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"expected a boolean, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError(f"expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"expected a string, got {value!r}")
+    raise TypeError(f"unsupported type {typ}")
+
+
+def _check(section: str, name: str, value: Any) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        allowed_negative = {("model", "n_gpu_layers")}
+        if value < 0 and (section, name) not in allowed_negative:
+            raise ValueError(f"must not be negative, got {value}")
+
+
+def merge(settings: Settings, overrides: Any, *, source: str) -> list[str]:
+    """Apply a (possibly camelCase, possibly partial) dict onto `settings` in place.
+
+    Returns the warnings; each bad value keeps the previous one.
+    """
+    warnings: list[str] = []
+    if overrides is None:
+        return warnings
+    if not isinstance(overrides, dict):
+        warnings.append(f"{source}: settings must be an object, got {type(overrides).__name__}")
+        return warnings
+    if isinstance(overrides.get("offpilot"), dict):
+        overrides = overrides["offpilot"]
+    for section_key, section_value in overrides.items():
+        section_name = _snake(str(section_key))
+        if not any(f.name == section_name for f in dataclasses.fields(settings)):
+            warnings.append(f"{source}: unknown setting {section_key!r}")
+            continue
+        section = getattr(settings, section_name)
+        if not isinstance(section_value, dict):
+            warnings.append(f"{source}: {section_key} must be an object")
+            continue
+        hints = get_type_hints(type(section))
+        for key, value in section_value.items():
+            name = _snake(str(key))
+            if name not in hints:
+                warnings.append(f"{source}: unknown setting {section_key}.{key}")
+                continue
+            try:
+                coerced = _coerce(value, hints[name])
+                _check(section_name, name, coerced)
+            except (TypeError, ValueError) as exc:
+                warnings.append(f"{source}: {section_key}.{key} {exc}; keeping {getattr(section, name)!r}")
+                continue
+            setattr(section, name, coerced)
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstrings of a settings dataclass's fields (for the generated client schema)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+                docs[node.target.id] = str(following.value.value)
+    return docs

@@ -1,0 +1,231 @@
+"""What runs inside the model worker: the llama.cpp backend and a scripted fake for tests.
+
+A backend's `generate` calls `should_stop()` between prefill chunks and after every token, so a
+cancelled or superseded request stops within one token step.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import re
+import time
+from typing import Callable
+
+from ..prompts import build_prompt_tokens
+from .generation import TextAccumulator
+from .protocol import GenerationRequest, GenerationResult
+
+ShouldStop = Callable[[], str | None]
+"""Returns a finish reason ("cancelled", ...) when generation must stop, else None."""
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000.0
+
+
+class LlamaBackend:
+    def __init__(self, config: dict) -> None:
+        from llama_cpp import Llama, llama_cpp  # imported here: the server process never loads llama.cpp
+
+        self._llama_cpp = llama_cpp
+        n_threads = int(config.get("n_threads") or 0) or max(1, (os.cpu_count() or 2))
+        self.chunk = max(8, int(config.get("prefill_chunk_tokens", 128)))
+        self.llm = Llama(
+            model_path=config["model_path"],
+            n_ctx=int(config.get("n_ctx", 4096)),
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            n_gpu_layers=int(config.get("n_gpu_layers", 0)),
+            n_batch=max(self.chunk, 512),
+            verbose=bool(config.get("verbose", False)),
+        )
+        self.vocab = self.llm._model.vocab
+
+    def info(self, probe_tokens: list[str]) -> dict:
+        meta = dict(self.llm.metadata)
+        present = []
+        for tok in probe_tokens:
+            raw = tok.encode("utf-8")
+            special = self.llm.tokenize(raw, add_bos=False, special=True)
+            if len(special) == 1 and self.llm.tokenize(raw, add_bos=False, special=False) != special:
+                present.append(tok)
+        return {
+            "architecture": meta.get("general.architecture", ""),
+            "name": meta.get("general.name", ""),
+            "special_tokens": present,
+            "n_ctx": self.llm.n_ctx(),
+            "n_vocab": self.llm.n_vocab(),
+        }
+
+    def _tokenize_text(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
+
+    def _tokenize_special(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) if text else []
+
+    def generate(self, req: GenerationRequest, should_stop: ShouldStop) -> GenerationResult:
+        llm = self.llm
+        started = time.perf_counter()
+        bos = [llm.token_bos()] if req.add_bos and llm.token_bos() >= 0 else []
+        prompt = build_prompt_tokens(
+            req.segments, tokenize_text=self._tokenize_text, tokenize_special=self._tokenize_special, bos=bos
+        ).tokens
+        room = llm.n_ctx() - req.max_tokens
+        if len(prompt) > room:
+            return GenerationResult(finish="error", error=f"prompt of {len(prompt)} tokens does not fit n_ctx")
+        stop_ids = set()
+        for s in req.stop:
+            ids = self._tokenize_special(s)
+            if len(ids) == 1:
+                stop_ids.add(ids[0])
+
+        # Reuse the longest common prefix with what is in the KV cache; evaluate the rest in chunks so a
+        # newer request can stop a long prefill between chunks. The last prompt token is left for
+        # generate(), which needs fresh logits to sample from.
+        cached = llm._input_ids[: llm.n_tokens].tolist()
+        reused = 0
+        for a, b in zip(cached, prompt):
+            if a != b:
+                break
+            reused += 1
+        reused = min(reused, len(prompt) - 1)
+        llm.n_tokens = reused
+        llm._ctx.kv_cache_seq_rm(-1, reused, -1)
+        pos = reused
+        while pos < len(prompt) - 1:
+            reason = should_stop()
+            if reason:
+                return GenerationResult(finish=reason, prompt_tokens=len(prompt), reused_tokens=reused, prefill_ms=_ms(started))
+            end = min(pos + self.chunk, len(prompt) - 1)
+            llm.eval(prompt[pos:end])
+            pos = end
+        acc = TextAccumulator(req)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        prefill_ms = 0.0
+        decode_started = 0.0
+        generated = 0
+        finish = "length"
+        for token in llm.generate(prompt, temp=req.temperature, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0):
+            if generated == 0:
+                prefill_ms = _ms(started)
+                decode_started = time.perf_counter()
+            generated += 1
+            if token in stop_ids or self._llama_cpp.llama_vocab_is_eog(self.vocab, token):
+                finish = "eog"
+                break
+            if acc.feed(decoder.decode(llm.detokenize([token]))):
+                finish = acc.finish or "stop"
+                break
+            if generated >= req.max_tokens:
+                finish = "length"
+                break
+            reason = should_stop()
+            if reason:
+                finish = reason
+                break
+            if time.perf_counter() - started > req.timeout_s:
+                finish = "timeout"
+                break
+        text = acc.end(finish)
+        return GenerationResult(
+            text=text,
+            finish=acc.finish or finish,
+            prompt_tokens=len(prompt),
+            reused_tokens=reused,
+            generated_tokens=generated,
+            prefill_ms=prefill_ms,
+            decode_ms=_ms(decode_started) if decode_started else 0.0,
+        )
+
+
+_FAKE_TOKEN = re.compile(r"\s+|\w+|[^\w\s]")
+
+
+def fake_tokenize(text: str) -> list[int]:
+    """Deterministic stand-in for a tokenizer: words, runs of spaces and symbols each count as one."""
+    return [int.from_bytes(hashlib.blake2s(t.encode(), digest_size=3).digest(), "big") for t in _FAKE_TOKEN.findall(text)]
+
+
+class FakeBackend:
+    """A scripted model for tests. Config keys:
+
+    outputs: list of strings answered in turn (default: a fixed line);
+    token_delay_ms: time per generated piece (a piece is a word, a run of spaces or a symbol);
+    prefill_delay_ms: time before the first piece;
+    crash_on_generate: exit the process with this code when a generation starts;
+    load_delay_ms / load_error: slow or failed model load;
+    record_path: append each request (JSON line) to this file, for tests that inspect prompts.
+    """
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        delay = float(config.get("load_delay_ms", 0)) / 1000.0
+        if delay:
+            time.sleep(delay)
+        if config.get("load_error"):
+            raise RuntimeError(str(config["load_error"]))
+        self.outputs = list(config.get("outputs") or ["return 42"])
+        self.calls = 0
+
+    def info(self, probe_tokens: list[str]) -> dict:
+        fim = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_sep|>", "<|repo_name|>", "<|endoftext|>"]
+        return {"architecture": "fake", "name": "fake", "special_tokens": [t for t in probe_tokens if t in fim], "n_ctx": 4096, "n_vocab": 0}
+
+    def generate(self, req: GenerationRequest, should_stop: ShouldStop) -> GenerationResult:
+        started = time.perf_counter()
+        if self.config.get("record_path"):
+            with open(self.config["record_path"], "a", encoding="utf-8") as f:
+                f.write(json.dumps(req.to_dict()) + "\n")
+        if self.config.get("crash_on_generate"):
+            os._exit(int(self.config["crash_on_generate"]))
+        prompt = build_prompt_tokens(req.segments, tokenize_text=fake_tokenize, tokenize_special=lambda s: [0], bos=[])
+        output = self.outputs[self.calls % len(self.outputs)]
+        self.calls += 1
+        prefill_s = float(self.config.get("prefill_delay_ms", 0)) / 1000.0
+        deadline = time.perf_counter() + prefill_s
+        while time.perf_counter() < deadline:
+            reason = should_stop()
+            if reason:
+                return GenerationResult(finish=reason, prompt_tokens=len(prompt.tokens), prefill_ms=_ms(started))
+            time.sleep(min(0.005, max(0.0, deadline - time.perf_counter())))
+        prefill_ms = _ms(started)
+        decode_started = time.perf_counter()
+        acc = TextAccumulator(req)
+        finish = "eog"
+        generated = 0
+        delay_s = float(self.config.get("token_delay_ms", 0)) / 1000.0
+        for piece in _FAKE_TOKEN.findall(output):
+            reason = should_stop()
+            if reason:
+                finish = reason
+                break
+            if delay_s:
+                time.sleep(delay_s)
+            generated += 1
+            if acc.feed(piece):
+                finish = acc.finish or "stop"
+                break
+            if generated >= req.max_tokens:
+                finish = "length"
+                break
+        text = acc.end(finish)
+        return GenerationResult(
+            text=text,
+            finish=acc.finish or finish,
+            prompt_tokens=len(prompt.tokens),
+            generated_tokens=generated,
+            prefill_ms=prefill_ms,
+            decode_ms=_ms(decode_started),
+        )
+
+
+def make_backend(config: dict):
+    kind = config.get("backend", "llama")
+    if kind == "fake":
+        return FakeBackend(config.get("fake") or {})
+    if kind == "llama":
+        return LlamaBackend(config)
+    raise ValueError(f"unknown backend {kind!r}")

@@ -1,0 +1,262 @@
+"""The server's side of the model worker: spawn, talk, cancel, restart with back-off.
+
+The event loop never waits on the model: a reader thread turns worker messages into loop callbacks, and
+every submitted job gets its future resolved exactly once (done, cancelled, or crashed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .protocol import GenerationRequest, GenerationResult, read_frame, write_frame
+
+log = logging.getLogger(__name__)
+
+STOPPED, LOADING, READY, FAILED, BACKOFF = "stopped", "loading", "ready", "failed", "backoff"
+
+
+@dataclass
+class WorkerConfig:
+    backend: str = "llama"
+    model_path: str = ""
+    n_ctx: int = 4096
+    n_threads: int = 0
+    n_gpu_layers: int = 0
+    prefill_chunk_tokens: int = 128
+    probe_tokens: list[str] = field(default_factory=list)
+    fake: dict = field(default_factory=dict)
+    restart_backoff_initial_s: float = 1.0
+    restart_backoff_max_s: float = 60.0
+
+
+@dataclass
+class Job:
+    id: int
+    future: asyncio.Future
+
+
+class WorkerClient:
+    """One model worker process; `submit` jobs, `cancel` them, watch `state`."""
+
+    def __init__(self, config: WorkerConfig, on_state: Callable[[str, str], None] | None = None) -> None:
+        self.config = config
+        self.state = STOPPED
+        self.detail = ""
+        self.info: dict = {}
+        self.pid: int | None = None
+        self._on_state = on_state
+        self._ids = itertools.count(1)
+        self._jobs: dict[int, Job] = {}
+        self._proc: subprocess.Popen | None = None
+        self._fd_to_worker: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._crashes: list[float] = []
+        self._restart_handle: asyncio.TimerHandle | None = None
+        self._ready_event: asyncio.Event | None = None
+        self.generations_started = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._ready_event = self._ready_event or asyncio.Event()
+        self._closing = False
+        self._spawn()
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        self.state, self.detail = state, detail
+        if self._ready_event is not None:
+            if state == READY or state == FAILED:
+                self._ready_event.set()
+            else:
+                self._ready_event.clear()
+        if self._on_state:
+            try:
+                self._on_state(state, detail)
+            except Exception:
+                log.exception("state callback failed")
+
+    def _spawn(self) -> None:
+        to_worker_r, to_worker_w = os.pipe()
+        from_worker_r, from_worker_w = os.pipe()
+        config = {
+            "backend": self.config.backend,
+            "model_path": self.config.model_path,
+            "n_ctx": self.config.n_ctx,
+            "n_threads": self.config.n_threads,
+            "n_gpu_layers": self.config.n_gpu_layers,
+            "prefill_chunk_tokens": self.config.prefill_chunk_tokens,
+            "probe_tokens": self.config.probe_tokens,
+            "fake": self.config.fake,
+        }
+        cmd = [
+            sys.executable, "-m", "lsp_server.engine.worker",
+            "--fd-in", str(to_worker_r), "--fd-out", str(from_worker_w), "--config", json.dumps(config),
+        ]
+        self._set_state(LOADING, os.path.basename(self.config.model_path) or self.config.backend)
+        # The worker's fd 1 is our stderr: llama.cpp may print while loading, and our stdout is JSON-RPC.
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr.fileno(),
+            stderr=sys.stderr.fileno(),
+            pass_fds=(to_worker_r, from_worker_w),
+            close_fds=True,
+        )
+        os.close(to_worker_r)
+        os.close(from_worker_w)
+        self.pid = self._proc.pid
+        self._fd_to_worker = to_worker_w
+        threading.Thread(target=self._read_loop, args=(from_worker_r, self._proc), daemon=True).start()
+
+    def _read_loop(self, fd: int, proc: subprocess.Popen) -> None:
+        try:
+            while True:
+                try:
+                    msg = read_frame(fd)
+                except (OSError, ValueError) as exc:
+                    log.warning("bad message from the model worker: %s", exc)
+                    msg = None
+                if msg is None:
+                    break
+                self._post(self._on_message, msg, proc)
+        finally:
+            os.close(fd)
+            code = proc.wait()
+            self._post(self._on_exit, proc, code)
+
+    def _post(self, fn, *args) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # loop closed while shutting down
+
+    def _on_message(self, msg: dict, proc: subprocess.Popen) -> None:
+        if proc is not self._proc:
+            return
+        ev = msg.get("ev")
+        if ev == "ready":
+            self.info = msg.get("info") or {}
+            self._set_state(READY, self.info.get("name", ""))
+            log.info("model ready: %s", self.info.get("name") or self.config.model_path)
+        elif ev == "load_failed":
+            self._load_error = str(msg.get("error", "unknown error"))
+            log.error("model load failed: %s", self._load_error)
+        elif ev == "done":
+            job = self._jobs.pop(int(msg["id"]), None)
+            if job and not job.future.done():
+                job.future.set_result(GenerationResult.from_dict(msg.get("result") or {}))
+
+    def _on_exit(self, proc: subprocess.Popen, code: int) -> None:
+        if proc is not self._proc:
+            return
+        self._proc = None
+        self.pid = None
+        if self._fd_to_worker is not None:
+            try:
+                os.close(self._fd_to_worker)
+            except OSError:
+                pass
+            self._fd_to_worker = None
+        for job in list(self._jobs.values()):
+            if not job.future.done():
+                job.future.set_result(GenerationResult(finish="crashed", error=f"model worker exited with {code}"))
+        self._jobs.clear()
+        if self._closing:
+            self._set_state(STOPPED)
+            return
+        load_error = getattr(self, "_load_error", "")
+        if self.state == LOADING:
+            # A model that cannot load will not load on a retry: wait for a new configuration.
+            self._load_error = ""
+            self._set_state(FAILED, load_error or f"model worker exited with code {code} while loading")
+            return
+        now = time.monotonic()
+        self._crashes = [t for t in self._crashes if now - t < 60.0] + [now]
+        delay = min(
+            self.config.restart_backoff_max_s,
+            self.config.restart_backoff_initial_s * (2 ** (len(self._crashes) - 1)),
+        )
+        log.warning("model worker exited with code %s; restarting in %.1f s", code, delay)
+        self._set_state(BACKOFF, f"restarting in {delay:.0f} s")
+        assert self._loop is not None
+        self._restart_handle = self._loop.call_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        self._restart_handle = None
+        if not self._closing and self._proc is None:
+            self._spawn()
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        if self.state == READY:
+            return True
+        if self._ready_event is None:
+            return False
+        try:
+            await asyncio.wait_for(self._ready_event.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return self.state == READY
+
+    async def stop(self, timeout_s: float = 2.0) -> None:
+        self._closing = True
+        if self._restart_handle:
+            self._restart_handle.cancel()
+        proc = self._proc
+        if proc is None:
+            self._set_state(STOPPED)
+            return
+        try:
+            if self._fd_to_worker is not None:
+                write_frame(self._fd_to_worker, {"op": "shutdown"})
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """Stop at once, from any thread state (used at exit)."""
+        self._closing = True
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+
+    # ---- jobs --------------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Job:
+        assert self._loop is not None
+        job = Job(next(self._ids), self._loop.create_future())
+        if self.state != READY or self._fd_to_worker is None:
+            job.future.set_result(GenerationResult(finish="not_ready", error=self.state))
+            return job
+        self._jobs[job.id] = job
+        try:
+            write_frame(self._fd_to_worker, {"op": "generate", "id": job.id, "request": request.to_dict()})
+            self.generations_started += 1
+        except OSError as exc:
+            self._jobs.pop(job.id, None)
+            job.future.set_result(GenerationResult(finish="crashed", error=str(exc)))
+        return job
+
+    def cancel(self, job: Job) -> None:
+        if job.future.done() or self._fd_to_worker is None:
+            return
+        try:
+            write_frame(self._fd_to_worker, {"op": "cancel", "id": job.id})
+        except OSError:
+            pass

@@ -1,0 +1,55 @@
+"""Turning a stream of generated text pieces into a suggestion: stop strings, line rules, limits."""
+
+from __future__ import annotations
+
+from .protocol import GenerationRequest
+
+
+class TextAccumulator:
+    """Feeds on text pieces and says when to stop; `text` is the suggestion so far."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self.text = ""
+        self.finish: str | None = None
+
+    def feed(self, piece: str) -> bool:
+        """Add a piece; returns True when generation should stop."""
+        self.text += piece
+        for stop in self.request.stop:
+            if stop and stop in self.text:
+                self.text = self.text[: self.text.index(stop)]
+                self.finish = "stop"
+                return True
+        if self.request.single_line:
+            cut = _first_line_end_after_content(self.text)
+            if cut is not None:
+                self.text = self.text[:cut]
+                self.finish = "stop"
+                return True
+        else:
+            lines = self.text.split("\n")
+            if len(lines) > self.request.max_lines:
+                self.text = "\n".join(lines[: self.request.max_lines])
+                self.finish = "lines"
+                return True
+        return False
+
+    def end(self, finish: str) -> str:
+        """Close the suggestion; a multi-line one cut mid-line keeps only its complete lines."""
+        if self.finish is None:
+            self.finish = finish
+        if finish in ("length", "timeout", "cancelled") and not self.request.single_line and "\n" in self.text.strip("\n"):
+            self.text = self.text[: self.text.rstrip("\n").rfind("\n")]
+        return self.text
+
+
+def _first_line_end_after_content(text: str) -> int | None:
+    seen_content = False
+    for i, ch in enumerate(text):
+        if ch in "\r\n":
+            if seen_content:
+                return i
+        elif not ch.isspace():
+            seen_content = True
+    return None

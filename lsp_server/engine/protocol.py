@@ -1,0 +1,90 @@
+"""What the server and the model worker say to each other, and how it is framed on the pipes.
+
+Frames are a 4-byte big-endian length followed by UTF-8 JSON. The worker never writes to fd 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+
+from ..prompts import Segment
+
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class GenerationRequest:
+    segments: list[Segment]
+    add_bos: bool = False
+    max_tokens: int = 48
+    stop: list[str] = field(default_factory=list)
+    single_line: bool = True
+    max_lines: int = 12
+    temperature: float = 0.0
+    timeout_s: float = 30.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["segments"] = [s.to_dict() for s in self.segments]
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "GenerationRequest":
+        args = dict(d)
+        args["segments"] = [Segment.from_dict(s) for s in d.get("segments", [])]
+        return GenerationRequest(**args)
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    finish: str = "stop"
+    """stop | length | lines | eog | cancelled | timeout | crashed | not_ready | error"""
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    error: str = ""
+
+    @staticmethod
+    def from_dict(d: dict) -> "GenerationResult":
+        known = {k: v for k, v in d.items() if k in GenerationResult.__dataclass_fields__}
+        return GenerationResult(**known)
+
+
+def write_frame(fd: int, message: dict) -> None:
+    body = json.dumps(message, ensure_ascii=False).encode("utf-8")
+    data = struct.pack(">I", len(body)) + body
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks = []
+    while n:
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> dict | None:
+    """The next message, or None at end of stream."""
+    header = _read_exact(fd, 4)
+    if header is None:
+        return None
+    (length,) = struct.unpack(">I", header)
+    if length > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {length} bytes is over the limit")
+    body = _read_exact(fd, length)
+    if body is None:
+        return None
+    return json.loads(body.decode("utf-8"))

@@ -1,0 +1,138 @@
+"""The model worker process: `python -m lsp_server.engine.worker --fd-in N --fd-out M --config JSON`.
+
+One generation at a time. A reader thread takes messages off the pipe while the main thread generates,
+so a cancel (or a newer job, which supersedes the waiting one) is seen within one token. When the
+server goes away (end of the pipe, or the parent dies) the worker exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+
+from .protocol import GenerationRequest, GenerationResult, read_frame, write_frame
+
+log = logging.getLogger("offpilot.worker")
+
+
+class _Jobs:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.waiting: tuple[int, GenerationRequest] | None = None
+        self.running_id: int | None = None
+        self.cancelled: set[int] = set()
+        self.closed = False
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _reader(fd_in: int, fd_out: int, jobs: _Jobs, send) -> None:
+    while True:
+        try:
+            msg = read_frame(fd_in)
+        except (OSError, ValueError):
+            msg = None
+        if msg is None or msg.get("op") == "shutdown":
+            with jobs.cond:
+                jobs.closed = True
+                jobs.cond.notify_all()
+            if jobs.running_id is None:
+                os._exit(0)
+            return
+        op = msg.get("op")
+        if op == "generate":
+            job = (int(msg["id"]), GenerationRequest.from_dict(msg["request"]))
+            with jobs.cond:
+                superseded = jobs.waiting
+                jobs.waiting = job
+                jobs.cond.notify_all()
+            if superseded is not None:
+                send({"ev": "done", "id": superseded[0], "result": {"finish": "cancelled"}})
+        elif op == "cancel":
+            job_id = int(msg["id"])
+            with jobs.cond:
+                if jobs.waiting is not None and jobs.waiting[0] == job_id:
+                    jobs.waiting = None
+                    dropped = True
+                else:
+                    dropped = False
+                    jobs.cancelled.add(job_id)
+            if dropped:
+                send({"ev": "done", "id": job_id, "result": {"finish": "cancelled"}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fd-in", type=int, required=True)
+    parser.add_argument("--fd-out", type=int, required=True)
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s worker %(levelname)s %(message)s")
+    config = json.loads(args.config)
+    send_lock = threading.Lock()
+
+    def send(message: dict) -> None:
+        with send_lock:
+            try:
+                write_frame(args.fd_out, message)
+            except OSError:
+                os._exit(0)  # the server is gone
+
+    send({"ev": "loading", "pid": os.getpid()})
+    try:
+        from .backends import make_backend
+
+        backend = make_backend(config)
+        info = backend.info(list(config.get("probe_tokens", [])))
+    except Exception as exc:  # a bad model file must be reported, not crash silently
+        log.error("model load failed: %s", exc)
+        send({"ev": "load_failed", "error": f"{type(exc).__name__}: {exc}"})
+        return 3
+    send({"ev": "ready", "info": info})
+
+    jobs = _Jobs()
+    threading.Thread(target=_reader, args=(args.fd_in, args.fd_out, jobs, send), daemon=True).start()
+    while True:
+        with jobs.cond:
+            while jobs.waiting is None and not jobs.closed:
+                jobs.cond.wait()
+            if jobs.closed:
+                return 0
+            job_id, request = jobs.waiting
+            jobs.waiting = None
+            jobs.running_id = job_id
+
+        def should_stop(job_id: int = job_id) -> str | None:
+            if job_id in jobs.cancelled:
+                return "cancelled"
+            if jobs.waiting is not None or jobs.closed:
+                return "cancelled"  # a newer job supersedes this one
+            return None
+
+        try:
+            result = backend.generate(request, should_stop)
+        except Exception as exc:
+            log.error("generation failed: %s", traceback.format_exc())
+            result = GenerationResult(finish="error", error=f"{type(exc).__name__}: {exc}")
+        with jobs.cond:
+            jobs.running_id = None
+            jobs.cancelled.discard(job_id)
+        send({"ev": "done", "id": job_id, "result": result.__dict__})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

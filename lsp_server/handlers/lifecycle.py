@@ -1,0 +1,21 @@
+"""initialize / initialized / shutdown and offpilot/status."""
+
+from __future__ import annotations
+
+from lsprotocol import types
+
+
+def initialize(ls, params: types.InitializeParams) -> None:
+    ls.configure(params.initialization_options)
+
+
+async def initialized(ls, params: types.InitializedParams) -> None:
+    await ls.start_engine()
+
+
+async def shutdown(ls, params: None) -> None:
+    await ls.stop_engine()
+
+
+def status(ls, params) -> dict:
+    return ls.status()

@@ -1,0 +1,62 @@
+"""From the model's text to what is safe and useful to insert at the cursor."""
+
+from __future__ import annotations
+
+import re
+
+from .context import CompletionContext
+
+MAX_SUGGESTION_CHARS = 8 * 1024
+MAX_SUGGESTION_LINES = 200
+# Bidi controls, zero-width characters and the Tags block can hide what inserted code does.
+_INVISIBLE = re.compile("[\u202a-\u202e\u2066-\u2069\u200b-\u200f\u2060\ufeff\U000e0000-\U000e007f]")
+_SPECIAL_TOKEN = re.compile(r"<\|[a-z_]+\|>|<fim_[a-z]+>|<file_sep>|<｜[^｜]*｜>|▁<[A-Z]{3}>|\[(?:PREFIX|SUFFIX|MIDDLE)\]")
+
+
+def clean(text: str, ctx: CompletionContext, surrounding: str = "") -> str:
+    """Sanitize, trim overlap with the code after the cursor, match the document's line ends."""
+    text = _SPECIAL_TOKEN.split(text, maxsplit=1)[0]
+    if not _INVISIBLE.search(surrounding):
+        text = _INVISIBLE.sub("", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if ctx.single_line:
+        text = text.rstrip()
+        text = _trim_suffix_overlap(text, ctx.line_suffix)
+    else:
+        text = text.rstrip()
+        text = _drop_repeated_suffix_lines(text, ctx.suffix)
+    lines = text.split("\n")
+    if len(lines) > MAX_SUGGESTION_LINES:
+        text = "\n".join(lines[:MAX_SUGGESTION_LINES])
+    if len(text) > MAX_SUGGESTION_CHARS:
+        text = text[:MAX_SUGGESTION_CHARS]
+        text = text[: text.rfind("\n")] if "\n" in text else text
+    if not text.strip():
+        return ""
+    if ctx.line_suffix.strip() and text.strip() == ctx.line_suffix.strip():
+        return ""
+    if ctx.eol != "\n":
+        text = text.replace("\n", ctx.eol)
+    return text
+
+
+def _trim_suffix_overlap(text: str, line_suffix: str) -> str:
+    """`foo(a|)` + model "b, c)" → "b, c": the closing text is already there."""
+    right = line_suffix.rstrip()
+    for k in range(min(len(text), len(right)), 0, -1):
+        if text.endswith(right[:k]) and right[:k].strip():
+            return text[:-k].rstrip() if right[:k] == right else text[:-k]
+    return text
+
+
+def _drop_repeated_suffix_lines(text: str, suffix: str) -> str:
+    """Drop trailing suggestion lines that repeat the first lines after the cursor."""
+    following = [ln for ln in suffix.replace("\r\n", "\n").split("\n") if ln.strip()][:20]
+    if not following:
+        return text
+    lines = text.split("\n")
+    for n in range(min(len(lines), len(following)), 0, -1):
+        tail = [ln.strip() for ln in lines[-n:]]
+        if tail == [ln.strip() for ln in following[:n]]:
+            return "\n".join(lines[:-n]).rstrip()
+    return text

@@ -1,0 +1,143 @@
+"""The language server: state, engine start-up, and the one place where handlers are registered."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from lsprotocol import types
+from pygls.lsp.server import LanguageServer
+
+from . import __version__, prompts
+from .completion import CompletionService
+from .config import Settings, merge
+from .documents import DocumentStore
+from .engine.client import FAILED, READY, WorkerClient, WorkerConfig
+from .handlers import documents, inline, lifecycle
+from .models import ModelInstallError, resolve_model
+from .protocol import OffpilotProtocol
+
+log = logging.getLogger("offpilot.server")
+
+
+class OffpilotServer(LanguageServer):
+    def __init__(self, *, model_path: str | None = None, engine_overrides: dict | None = None) -> None:
+        super().__init__("offpilot", __version__, protocol_cls=OffpilotProtocol)
+        self.settings = Settings()
+        self.store = DocumentStore()
+        self._model_path_override = model_path
+        self._engine_overrides = engine_overrides or {}
+        self.engine = WorkerClient(WorkerConfig())
+        self.completions = CompletionService(self.engine, self.settings)
+        self._progress_token: str | None = None
+        self._told_failure = ""
+
+    # ---- configuration ------------------------------------------------------------------------------
+    def configure(self, initialization_options) -> None:
+        merge(self.settings, initialization_options, source="initializationOptions")
+
+    @property
+    def position_encoding(self) -> str:
+        caps = self.protocol.server_capabilities
+        encoding = caps.position_encoding if caps and caps.position_encoding else types.PositionEncodingKind.Utf16
+        return encoding.value if isinstance(encoding, types.PositionEncodingKind) else str(encoding)
+
+    def client_has_inline_completion(self) -> bool:
+        caps = self.protocol.client_capabilities
+        return bool(caps and caps.text_document and caps.text_document.inline_completion is not None)
+
+    def _client_supports_progress(self) -> bool:
+        caps = self.protocol.client_capabilities
+        return bool(caps and caps.window and caps.window.work_done_progress)
+
+    # ---- the model worker -------------------------------------------------------------------------------
+    def _worker_config(self) -> WorkerConfig | None:
+        m = self.settings.model
+        config = WorkerConfig(
+            n_ctx=m.n_ctx,
+            n_threads=m.n_threads,
+            n_gpu_layers=m.n_gpu_layers,
+            prefill_chunk_tokens=m.prefill_chunk_tokens,
+            probe_tokens=prompts.probe_tokens(prompts.load_templates().values()),
+            restart_backoff_initial_s=self.settings.worker.restart_backoff_initial_s,
+            restart_backoff_max_s=self.settings.worker.restart_backoff_max_s,
+        )
+        if self._engine_overrides.get("backend") == "fake":
+            config.backend = "fake"
+            config.fake = dict(self._engine_overrides.get("fake") or {})
+            return config
+        try:
+            config.model_path = str(resolve_model(m.path or self._model_path_override or m.name or None))
+        except ModelInstallError as exc:
+            self._tell_failure(str(exc))
+            return None
+        return config
+
+    async def start_engine(self) -> None:
+        config = self._worker_config()
+        if config is None:
+            return
+        self.engine.config = config
+        self.engine._on_state = self._on_engine_state
+        if self._client_supports_progress():
+            token = f"offpilot-load-{uuid.uuid4().hex[:8]}"
+            try:
+                await self.work_done_progress.create_async(token)
+                self._progress_token = token
+                self.work_done_progress.begin(
+                    token, types.WorkDoneProgressBegin(title="offpilot", message="loading the model", cancellable=False)
+                )
+            except Exception as exc:  # a client that refuses progress still gets completions
+                log.debug("no work-done progress: %s", exc)
+                self._progress_token = None
+        self.engine.start()
+
+    def _on_engine_state(self, state: str, detail: str) -> None:
+        if state in (READY, FAILED) and self._progress_token:
+            message = "model ready" if state == READY else "model failed to load"
+            self.work_done_progress.end(self._progress_token, types.WorkDoneProgressEnd(message=message))
+            self._progress_token = None
+        if state == FAILED:
+            self._tell_failure(f"offpilot: the model could not be loaded: {detail}")
+
+    def _tell_failure(self, message: str) -> None:
+        log.error("%s", message)
+        if message != self._told_failure:  # one message per episode, not per keystroke
+            self._told_failure = message
+            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=message))
+
+    async def stop_engine(self) -> None:
+        await self.engine.stop()
+
+    def status(self) -> dict:
+        template = self.completions.template() if self.engine.state == READY else None
+        return {
+            "state": self.engine.state,
+            "detail": self.engine.detail,
+            "model": self.engine.config.model_path or self.engine.config.backend,
+            "family": template.family if template else None,
+            "workerPid": self.engine.pid,
+            "generationsStarted": self.engine.generations_started,
+            "positionEncoding": self.position_encoding,
+            "openDocuments": len(self.store),
+        }
+
+    def report_server_error(self, error: Exception, source) -> None:
+        # pygls's default shows a message per error; a malformed-message storm must not flood the user.
+        log.error("%s: %s", getattr(source, "__name__", source), error)
+
+
+def create_server(*, model_path: str | None = None, engine_overrides: dict | None = None) -> OffpilotServer:
+    server = OffpilotServer(model_path=model_path, engine_overrides=engine_overrides)
+    server.feature(types.INITIALIZE)(lifecycle.initialize)
+    server.feature(types.INITIALIZED)(lifecycle.initialized)
+    server.feature(types.SHUTDOWN)(lifecycle.shutdown)
+    server.feature("offpilot/status")(lifecycle.status)
+    server.feature(types.TEXT_DOCUMENT_DID_OPEN)(documents.did_open)
+    server.feature(types.TEXT_DOCUMENT_DID_CHANGE)(documents.did_change)
+    server.feature(types.TEXT_DOCUMENT_DID_CLOSE)(documents.did_close)
+    # An empty options object reads as "absent" in eglot, so say something in it.
+    inline_options = types.InlineCompletionOptions(work_done_progress=False)
+    server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_options)(inline.inline_completion)
+    server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(resolve_provider=False))(inline.completion)
+    return server
