@@ -127,7 +127,7 @@ async def _complete(args: argparse.Namespace) -> int:
         "family": template.family if template else None,
         "suggestion": result.text,
         "reason": result.reason,
-        "timings_ms": {"load": round(load_ms, 1), **{k: round(v, 1) for k, v in result.timings_ms.items()}},
+        "timings_ms": {"load": round(load_ms, 1), **{k: round(v, 1) for k, v in sorted(result.timings_ms.items(), key=lambda kv: kv[0] == "total")}},
         "prompt_tokens": r.prompt_tokens if r else 0,
         "generated_tokens": r.generated_tokens if r else 0,
     }

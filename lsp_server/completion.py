@@ -107,6 +107,7 @@ class CompletionService:
             stop=list(template.stop),
             single_line=ctx.single_line,
             max_lines=settings.max_lines,
+            min_indent=ctx.indent,
             temperature=settings.temperature,
             timeout_s=settings.generation_timeout_s,
         )

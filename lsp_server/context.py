@@ -36,6 +36,8 @@ class CompletionContext:
     line_suffix: str
     """Text from the cursor to the end of its line."""
     eol: str
+    indent: int = 0
+    """Width of the cursor line's indentation (in characters); later lines indented less end a block."""
     skip_reason: str = ""
 
 
@@ -73,6 +75,7 @@ def build_context(snap: Snapshot, settings: CompletionSettings) -> CompletionCon
         language=info.name if info else "text",
         line_suffix=after,
         eol=document_eol(text),
+        indent=len(before) - len(before.lstrip(" \t")) if before.strip() else len(before),
     )
     if after[:1].isalnum() or after[:1] == "_":
         ctx.skip_reason = "cursor inside a word"

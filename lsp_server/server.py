@@ -69,7 +69,8 @@ class OffpilotServer(LanguageServer):
         try:
             config.model_path = str(resolve_model(m.path or self._model_path_override or m.name or None))
         except ModelInstallError as exc:
-            self._tell_failure(str(exc))
+            self.engine.fail(str(exc))
+            self._tell_failure(f"offpilot: {exc}")
             return None
         return config
 

@@ -26,6 +26,7 @@ class RawClient:
         self.server_requests: list[dict] = []
         self.non_frame_bytes = b""
         self._next_id = 1
+        self.sent_ids: list = []
         self._waiters: dict[object, asyncio.Future] = {}
         self._reader = asyncio.create_task(self._read())
 
@@ -86,6 +87,7 @@ class RawClient:
             msg_id = self._next_id
             self._next_id += 1
         self._waiters[msg_id] = asyncio.get_running_loop().create_future()
+        self.sent_ids.append(msg_id)
         self._write({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params})
         return msg_id
 

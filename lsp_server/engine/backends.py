@@ -154,7 +154,8 @@ class FakeBackend:
 
     outputs: list of strings answered in turn (default: a fixed line);
     token_delay_ms: time per generated piece (a piece is a word, a run of spaces or a symbol);
-    prefill_delay_ms: time before the first piece;
+    prefill_delay_ms: time before the first piece, checked for cancellation every prefill_chunk_ms
+        (default 5; a real prefill can only stop between chunks);
     crash_on_generate: exit the process with this code when a generation starts;
     load_delay_ms / load_error: slow or failed model load;
     record_path: append each request (JSON line) to this file, for tests that inspect prompts.
@@ -185,12 +186,13 @@ class FakeBackend:
         output = self.outputs[self.calls % len(self.outputs)]
         self.calls += 1
         prefill_s = float(self.config.get("prefill_delay_ms", 0)) / 1000.0
+        chunk_s = float(self.config.get("prefill_chunk_ms", 5)) / 1000.0
         deadline = time.perf_counter() + prefill_s
         while time.perf_counter() < deadline:
             reason = should_stop()
             if reason:
                 return GenerationResult(finish=reason, prompt_tokens=len(prompt.tokens), prefill_ms=_ms(started))
-            time.sleep(min(0.005, max(0.0, deadline - time.perf_counter())))
+            time.sleep(min(chunk_s, max(0.0, deadline - time.perf_counter())))
         prefill_ms = _ms(started)
         decode_started = time.perf_counter()
         acc = TextAccumulator(req)

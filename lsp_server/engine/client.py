@@ -73,6 +73,11 @@ class WorkerClient:
         self._closing = False
         self._spawn()
 
+    def fail(self, detail: str) -> None:
+        """Mark the engine unusable without starting a worker (e.g. no model file to load)."""
+        self._ready_event = self._ready_event or asyncio.Event()
+        self._set_state(FAILED, detail)
+
     def _set_state(self, state: str, detail: str = "") -> None:
         self.state, self.detail = state, detail
         if self._ready_event is not None:

@@ -29,6 +29,11 @@ class TextAccumulator:
                 return True
         else:
             lines = self.text.split("\n")
+            cut = _first_line_below_indent(lines, self.request.min_indent)
+            if cut is not None:
+                self.text = "\n".join(lines[:cut])
+                self.finish = "indent"
+                return True
             if len(lines) > self.request.max_lines:
                 self.text = "\n".join(lines[: self.request.max_lines])
                 self.finish = "lines"
@@ -42,6 +47,19 @@ class TextAccumulator:
         if finish in ("length", "timeout", "cancelled") and not self.request.single_line and "\n" in self.text.strip("\n"):
             self.text = self.text[: self.text.rstrip("\n").rfind("\n")]
         return self.text
+
+
+def _first_line_below_indent(lines: list[str], min_indent: int) -> int | None:
+    """Index of the first later line that starts left of the cursor's block: the block has ended."""
+    if min_indent <= 0:
+        return None
+    for i, line in enumerate(lines[1:], start=1):
+        stripped = line.lstrip(" \t")
+        if not stripped:
+            continue  # blank so far: its indentation is not known yet
+        if len(line) - len(stripped) < min_indent:
+            return i
+    return None
 
 
 def _first_line_end_after_content(text: str) -> int | None:

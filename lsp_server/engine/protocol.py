@@ -23,6 +23,8 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     single_line: bool = True
     max_lines: int = 12
+    min_indent: int = 0
+    """A multi-line suggestion ends before a line indented less than this (the cursor's block ended)."""
     temperature: float = 0.0
     timeout_s: float = 30.0
 

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_gguf import write_tiny_gguf  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A ~250 KB random-weight Qwen2-shaped GGUF with the FIM tokens: every llama.cpp path, nonsense output."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The installed small default model (scripts/setup installs it); skipped when absent outside CI."""
+    from lsp_server.models import ModelInstallError, resolve_model
+
+    try:
+        return resolve_model("qwen2.5-coder-0.5b")
+    except ModelInstallError as exc:
+        if os.environ.get("OFFPILOT_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail(f"the real model is required here: {exc}")
+        pytest.skip(f"real model not installed: {exc}")

@@ -1,0 +1,125 @@
+"""CompletionService scheduling with an in-process engine whose jobs the test finishes by hand."""
+
+import asyncio
+
+import pytest
+
+from lsp_server.completion import CompletionService
+from lsp_server.config import Settings
+from lsp_server.context import Snapshot
+from lsp_server.engine.client import READY, Job
+from lsp_server.engine.protocol import GenerationResult
+
+FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_sep|>"]
+
+
+class ManualEngine:
+    def __init__(self) -> None:
+        self.state = READY
+        self.detail = ""
+        self.info = {"name": "manual", "architecture": "qwen2", "special_tokens": FIM_TOKENS}
+        self.jobs: list[Job] = []
+        self.cancelled: list[int] = []
+        self.running = 0
+        self.max_running = 0
+
+    def submit(self, request):
+        job = Job(len(self.jobs) + 1, asyncio.get_running_loop().create_future())
+        job.request = request
+        self.jobs.append(job)
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        job.future.add_done_callback(lambda _: self._done())
+        return job
+
+    def _done(self):
+        self.running -= 1
+
+    def cancel(self, job):
+        self.cancelled.append(job.id)
+
+    def finish(self, index: int, text: str = "", finish: str = "stop"):
+        self.jobs[index].future.set_result(GenerationResult(text=text, finish=finish, prompt_tokens=10, generated_tokens=3))
+
+
+def snap(text="x = |\n", version=1):
+    offset = text.index("|")
+    return Snapshot("file:///t.py", version, text.replace("|", ""), offset, "python")
+
+
+async def test_one_request_gets_the_model_text():
+    engine = ManualEngine()
+    service = CompletionService(engine, Settings())
+    task = asyncio.create_task(service.complete(snap()))
+    await asyncio.sleep(0)
+    assert len(engine.jobs) == 1
+    req = engine.jobs[0].request
+    assert [s.text for s in req.segments if s.special] == ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+    assert req.single_line and req.max_tokens == Settings().completion.max_tokens_single_line
+    engine.finish(0, "42")
+    result = await task
+    assert result.text == "42" and result.reason == "ok"
+
+
+async def test_newer_request_supersedes_waiting_and_running_ones_at_once():
+    engine = ManualEngine()
+    service = CompletionService(engine, Settings())
+    first = asyncio.create_task(service.complete(snap(version=1)))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(service.complete(snap(version=2)))
+    await asyncio.sleep(0)
+    third = asyncio.create_task(service.complete(snap(version=3)))
+    await asyncio.sleep(0)
+    # The first was running: it is answered now and its generation told to stop; the second never started.
+    assert (await first).reason.startswith("superseded")
+    assert (await second).reason.startswith("superseded")
+    assert engine.cancelled == [1]
+    assert len(engine.jobs) == 1 and engine.max_running == 1
+    engine.finish(0, "", "cancelled")  # the worker confirms the stop; only then does the newest start
+    await asyncio.sleep(0)
+    assert len(engine.jobs) == 2
+    engine.finish(1, "7")
+    assert (await third).text == "7"
+    assert engine.max_running == 1
+
+
+async def test_client_cancellation_stops_the_generation():
+    engine = ManualEngine()
+    service = CompletionService(engine, Settings())
+    task = asyncio.create_task(service.complete(snap()))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.cancelled == [1]
+
+
+async def test_not_ready_and_crashed_engines_give_empty_answers():
+    engine = ManualEngine()
+    engine.state = "loading"
+    service = CompletionService(engine, Settings())
+    assert (await service.complete(snap())).reason == "model loading"
+    engine.state = READY
+    task = asyncio.create_task(service.complete(snap()))
+    await asyncio.sleep(0)
+    engine.finish(0, "", "crashed")
+    result = await task
+    assert result.text == "" and "crashed" in result.reason
+
+
+async def test_unknown_model_family_gives_a_reason_not_an_error():
+    engine = ManualEngine()
+    engine.info = {"name": "chat-only", "architecture": "llama", "special_tokens": []}
+    result = await CompletionService(engine, Settings()).complete(snap())
+    assert result.text == "" and "FIM" in result.reason and not engine.jobs
+
+
+async def test_family_from_settings_overrides_detection():
+    engine = ManualEngine()
+    settings = Settings()
+    settings.model.family = "starcoder2"
+    task = asyncio.create_task(CompletionService(engine, settings).complete(snap()))
+    await asyncio.sleep(0)
+    assert engine.jobs[0].request.segments[0].text == "<fim_prefix>"
+    engine.finish(0, "1")
+    assert (await task).text == "1"

@@ -1,0 +1,132 @@
+"""The model worker process with the scripted backend: generation, cancellation, crashes, load failures."""
+
+import asyncio
+import os
+import signal
+import time
+
+from lsp_server.engine.client import BACKOFF, FAILED, READY, WorkerClient, WorkerConfig
+from lsp_server.engine.protocol import GenerationRequest
+from lsp_server.prompts import Segment
+
+
+def request(**kw) -> GenerationRequest:
+    base = dict(segments=[Segment("<|fim_prefix|>", True), Segment("x = "), Segment("<|fim_middle|>", True)], max_tokens=200, single_line=False, max_lines=50)
+    base.update(kw)
+    return GenerationRequest(**base)
+
+
+async def started(fake: dict, **config) -> WorkerClient:
+    client = WorkerClient(WorkerConfig(backend="fake", fake=fake, restart_backoff_initial_s=0.2, **config))
+    client.start()
+    assert await client.wait_ready(20)
+    return client
+
+
+async def test_generates_the_scripted_text():
+    client = await started({"outputs": ["answer = 42"]})
+    try:
+        result = await client.submit(request(single_line=True)).future
+        assert result.text == "answer = 42" and result.finish == "eog"
+        assert result.prompt_tokens > 0
+    finally:
+        await client.stop()
+
+
+async def test_cancel_stops_within_about_one_token():
+    token_ms = 20
+    client = await started({"outputs": [" ".join(["tok"] * 400)], "token_delay_ms": token_ms})
+    try:
+        job = client.submit(request())
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        client.cancel(job)
+        result = await job.future
+        stopped_ms = (time.monotonic() - t0) * 1000
+        assert result.finish == "cancelled"
+        assert stopped_ms < 3 * token_ms + 30, stopped_ms
+        assert 0 < result.generated_tokens < 400
+    finally:
+        await client.stop()
+
+
+async def test_a_newer_job_supersedes_the_waiting_one_in_the_worker():
+    client = await started({"outputs": ["a b c d e f g h"], "token_delay_ms": 30})
+    try:
+        first = client.submit(request())
+        second = client.submit(request())
+        third = client.submit(request())
+        results = await asyncio.gather(first.future, second.future, third.future)
+        assert results[0].finish == "cancelled"  # stopped because a newer job waits
+        assert results[1].finish == "cancelled" and results[1].generated_tokens == 0
+        assert results[2].text == "a b c d e f g h"
+    finally:
+        await client.stop()
+
+
+async def test_killed_worker_answers_the_job_and_restarts_with_backoff():
+    states = []
+    client = WorkerClient(
+        WorkerConfig(backend="fake", fake={"outputs": ["slow " * 200], "token_delay_ms": 20}, restart_backoff_initial_s=0.3),
+        on_state=lambda state, detail: states.append(state),
+    )
+    client.start()
+    assert await client.wait_ready(20)
+    first_pid = client.pid
+    try:
+        job = client.submit(request())
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        os.kill(first_pid, signal.SIGKILL)
+        result = await asyncio.wait_for(job.future, 2)
+        assert result.finish == "crashed" and time.monotonic() - t0 < 1.0
+        assert client.state == BACKOFF
+        assert (await client.submit(request()).future).finish == "not_ready"
+        assert await client.wait_ready(10)
+        assert client.pid != first_pid and BACKOFF in states
+        assert (await client.submit(request(single_line=True, max_tokens=3)).future).text
+    finally:
+        await client.stop()
+
+
+async def test_failed_load_is_reported_once_and_not_retried():
+    states = []
+    client = WorkerClient(WorkerConfig(backend="fake", fake={"load_error": "bad magic"}), on_state=lambda s, d: states.append((s, d)))
+    client.start()
+    assert not await client.wait_ready(20)
+    assert client.state == FAILED and "bad magic" in client.detail
+    await asyncio.sleep(0.5)
+    assert [s for s, _ in states].count("loading") == 1  # no retry loop
+    await client.stop()
+
+
+async def test_llama_backend_on_a_missing_file_fails_cleanly(tmp_path):
+    client = WorkerClient(WorkerConfig(backend="llama", model_path=str(tmp_path / "missing.gguf")))
+    client.start()
+    assert not await client.wait_ready(60)
+    assert client.state == FAILED and client.detail
+    await client.stop()
+
+
+async def test_garbage_model_file_fails_cleanly(tmp_path):
+    bad = tmp_path / "random.gguf"
+    bad.write_bytes(os.urandom(4096))
+    client = WorkerClient(WorkerConfig(backend="llama", model_path=str(bad)))
+    client.start()
+    assert not await client.wait_ready(60)
+    assert client.state == FAILED
+    await client.stop()
+
+
+async def test_stop_reaps_the_worker():
+    client = await started({})
+    pid = client.pid
+    await client.stop()
+    assert client.state == "stopped"
+    await asyncio.sleep(0.1)
+    try:
+        os.kill(pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive
