@@ -26,7 +26,7 @@ class ModelSettings:
     n_ctx: int = 4096
     """Context length of the model in tokens."""
     n_threads: int = 0
-    """CPU threads for generation; 0 means one per physical core."""
+    """CPU threads for generation; 0 means as many as the OS reports CPUs (os.cpu_count())."""
     n_gpu_layers: int = 0
     """Layers offloaded to the GPU (-1: all); needs a GPU build of llama-cpp-python."""
     prefill_chunk_tokens: int = 128

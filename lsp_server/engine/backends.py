@@ -96,7 +96,7 @@ class LlamaBackend:
         llm._ctx.kv_cache_seq_rm(-1, reused, -1)
         pos = reused
         while pos < len(prompt) - 1:
-            reason = should_stop()
+            reason = should_stop() or ("timeout" if time.perf_counter() - started > req.timeout_s else None)
             if reason:
                 return GenerationResult(finish=reason, prompt_tokens=len(prompt), reused_tokens=reused, prefill_ms=_ms(started))
             end = min(pos + self.chunk, len(prompt) - 1)
