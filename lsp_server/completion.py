@@ -11,11 +11,13 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
-from . import postprocess, prompts
+from . import languages, postprocess, prompts
 from .config import Settings
 from .context import Snapshot, build_context
+from .context.crossfile import CrossFileContext, RecentEdits
+from .context.syntax import SyntaxService
 from .engine.client import READY, Job
 from .engine.protocol import GenerationRequest, GenerationResult
 
@@ -51,10 +53,21 @@ class _Request:
 
 
 class CompletionService:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        *,
+        syntax: SyntaxService | None = None,
+        open_texts: Callable[[], dict[str, str]] = dict,
+    ) -> None:
         self.engine = engine
         self.settings = settings
-        self._seq = 0
+        self.syntax = syntax or SyntaxService(settings.completion.parse_deadline_ms)
+        self.crossfile = CrossFileContext()
+        self.recent_edits = RecentEdits()
+        self.open_texts = open_texts
+        self._latest = 0
         self._waiting: _Request | None = None
         self._running: _Request | None = None
         self._template_cache: tuple[str, prompts.FimTemplate | None] | None = None
@@ -82,6 +95,8 @@ class CompletionService:
     # ---- requests ------------------------------------------------------------------------------------
     async def complete(self, snapshot: Snapshot) -> Completion:
         t0 = time.perf_counter()
+        self._latest += 1
+        mine = self._latest
         settings = self.settings.completion
         if not settings.enabled:
             return Completion("", "disabled")
@@ -90,18 +105,18 @@ class CompletionService:
         template = self.template()
         if template is None:
             return Completion("", "the model has no known FIM tokens (set model.family)")
+        info = languages.detect(snapshot.language_id, snapshot.uri)
         ctx = build_context(snapshot, settings)
+        facts = None
+        if info is not None and not ctx.skip_reason:
+            facts = await self.syntax.analyze(snapshot.uri, info.name, snapshot.text, snapshot.offset, ctx.code_on_right)
+            ctx = build_context(snapshot, settings, facts)
         if ctx.skip_reason:
             return Completion("", ctx.skip_reason)
-        segments = prompts.render(
-            template,
-            {
-                "prefix": prompts.PromptValue(ctx.prefix, settings.max_prefix_tokens, "end"),
-                "suffix": prompts.PromptValue(ctx.suffix, settings.max_suffix_tokens, "start"),
-            },
-        )
+        if mine != self._latest:
+            return Completion("", "superseded by a newer request")
         request = GenerationRequest(
-            segments=segments,
+            segments=prompts.assemble(template, self._prompt_parts(snapshot, ctx, facts)),
             add_bos=template.add_bos,
             max_tokens=settings.max_tokens_single_line if ctx.single_line else settings.max_tokens_multi_line,
             stop=list(template.stop),
@@ -114,8 +129,7 @@ class CompletionService:
         context_ms = (time.perf_counter() - t0) * 1000.0
 
         loop = asyncio.get_running_loop()
-        self._seq += 1
-        req = _Request(self._seq, snapshot, request, loop.create_future())
+        req = _Request(mine, snapshot, request, loop.create_future())
         self._supersede_all()
         self._waiting = req
         self._pump()
@@ -127,20 +141,18 @@ class CompletionService:
         total_ms = (time.perf_counter() - t0) * 1000.0
         if result is None:
             return Completion("", "superseded by a newer request", {"total": total_ms})
-        timings = {
-            "context": context_ms,
-            "prefill": result.prefill_ms,
-            "decode": result.decode_ms,
-            "total": total_ms,
-        }
+        timings = {"context": context_ms, "prefill": result.prefill_ms, "decode": result.decode_ms}
         if result.finish in ("crashed", "not_ready", "error", "cancelled"):
-            return Completion("", f"generation {result.finish} {result.error}".strip(), timings, result)
+            return Completion("", f"generation {result.finish} {result.error}".strip(), {**timings, "total": total_ms}, result)
         t1 = time.perf_counter()
         surrounding = snapshot.text[max(0, snapshot.offset - 2000) : snapshot.offset + 2000]
         text = postprocess.clean(result.text, ctx, surrounding)
+        if text and facts is not None:
+            text = await self.syntax.trim(facts, text)
         timings["postprocess"] = (time.perf_counter() - t1) * 1000.0
+        timings["total"] = (time.perf_counter() - t0) * 1000.0
         log.info(
-            "completion %s lang=%s mode=%s tokens=%d/%d reused=%d finish=%s context=%.1fms prefill=%.0fms decode=%.0fms total=%.0fms template=%s chars=%d",
+            "completion %s lang=%s mode=%s tokens=%d/%d reused=%d finish=%s context=%.1fms prefill=%.0fms decode=%.0fms post=%.1fms total=%.0fms template=%s chars=%d",
             "ok" if text else "empty",
             ctx.language,
             "line" if ctx.single_line else "block",
@@ -151,11 +163,32 @@ class CompletionService:
             context_ms,
             result.prefill_ms,
             result.decode_ms,
-            total_ms,
+            timings["postprocess"],
+            timings["total"],
             template.source,
             len(text),
         )
         return Completion(text, "ok" if text else "model suggested nothing usable", timings, result)
+
+    def _prompt_parts(self, snapshot: Snapshot, ctx, facts) -> prompts.PromptParts:
+        settings = self.settings.completion
+        snippets: list[tuple[str, str]] = []
+        if settings.max_snippet_tokens > 0:
+            open_texts = self.open_texts()
+            if facts is not None:
+                found = self.crossfile.import_snippets(snapshot.uri, facts.language, facts.tree, facts.data, open_texts)
+                snippets += [(s.path, s.text) for s in found]
+            snippets += [(s.path, s.text) for s in self.recent_edits.snippets(open_texts, snapshot.uri, self.crossfile.relative)]
+            snippets = snippets[: settings.max_snippets]
+        return prompts.PromptParts(
+            prefix=prompts.PromptValue(ctx.prefix, settings.max_prefix_tokens, "end", ctx.header, ctx.header_at),
+            suffix=prompts.PromptValue(ctx.suffix, settings.max_suffix_tokens, "start"),
+            path=self.crossfile.relative(snapshot.uri),
+            repo_name=self.crossfile.roots[0].name if self.crossfile.roots else "",
+            snippets=snippets,
+            snippet_budget_tokens=settings.max_snippet_tokens,
+            comment=ctx.comment,
+        )
 
     def _supersede_all(self) -> None:
         if self._waiting is not None and not self._waiting.future.done():

@@ -41,6 +41,12 @@ class CompletionSettings:
     """Budget in model tokens for the text before the cursor."""
     max_suffix_tokens: int = 128
     """Budget in model tokens for the text after the cursor."""
+    max_snippet_tokens: int = 128
+    """Budget in model tokens for code from other files (imported definitions, recent edits)."""
+    max_snippets: int = 4
+    """Most snippets from other files in one prompt."""
+    parse_deadline_ms: float = 200.0
+    """A tree-sitter parse that takes longer is abandoned (the document is handled as plain text)."""
     max_tokens_single_line: int = 48
     """Most tokens generated for a single-line suggestion."""
     max_tokens_multi_line: int = 128

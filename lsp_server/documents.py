@@ -169,6 +169,9 @@ class DocumentStore:
     def get(self, uri: str) -> Document | None:
         return self._docs.get(uri)
 
+    def documents(self) -> list[Document]:
+        return list(self._docs.values())
+
     def open(self, uri: str, language_id: str, version: int, text: str) -> Document:
         doc = Document(uri, language_id, version, text)
         self._docs[uri] = doc

@@ -24,10 +24,12 @@ class LanguageInfo:
     language_ids: tuple[str, ...]
     block_openers: tuple[str, ...]
     """Line endings after which a new block is expected (the first multi-line rule)."""
+    comment: str = "//"
+    """The line comment, for context written into the prompt as a comment."""
 
 
 LANGUAGES: tuple[LanguageInfo, ...] = (
-    LanguageInfo("python", "tree_sitter_python", "language", (".py", ".pyi"), ("python",), (":",)),
+    LanguageInfo("python", "tree_sitter_python", "language", (".py", ".pyi"), ("python",), (":",), "#"),
     LanguageInfo("javascript", "tree_sitter_javascript", "language", (".js", ".mjs", ".cjs", ".jsx"), ("javascript", "javascriptreact"), ("{", "=>")),
     LanguageInfo("typescript", "tree_sitter_typescript", "language_typescript", (".ts", ".mts", ".cts"), ("typescript",), ("{", "=>")),
     LanguageInfo("tsx", "tree_sitter_typescript", "language_tsx", (".tsx",), ("typescriptreact",), ("{", "=>")),

@@ -25,6 +25,7 @@ def clean(text: str, ctx: CompletionContext, surrounding: str = "") -> str:
     else:
         text = text.rstrip()
         text = _drop_repeated_suffix_lines(text, ctx.suffix)
+        text = match_indentation(text, ctx.indent_unit)
     lines = text.split("\n")
     if len(lines) > MAX_SUGGESTION_LINES:
         text = "\n".join(lines[:MAX_SUGGESTION_LINES])
@@ -38,6 +39,22 @@ def clean(text: str, ctx: CompletionContext, surrounding: str = "") -> str:
     if ctx.eol != "\n":
         text = text.replace("\n", ctx.eol)
     return text
+
+
+def match_indentation(text: str, unit: str) -> str:
+    """Re-indent lines after the first with the document's step (tabs vs spaces)."""
+    lines = text.split("\n")
+    out = lines[:1]
+    model_step = 0
+    for line in lines[1:]:
+        lead = line[: len(line) - len(line.lstrip(" \t"))]
+        if unit == "\t" and lead and "\t" not in lead:
+            model_step = model_step or len(lead)  # the model's own step: its first indentation
+            line = "\t" * (len(lead) // model_step) + " " * (len(lead) % model_step) + line[len(lead):]
+        elif unit != "\t" and "\t" in lead:
+            line = lead.replace("\t", unit) + line[len(lead):]
+        out.append(line)
+    return "\n".join(out)
 
 
 def _trim_suffix_overlap(text: str, line_suffix: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from pathlib import Path
 
 from lsprotocol import types
 from pygls.lsp.server import LanguageServer
@@ -14,6 +15,7 @@ from .config import Settings, merge
 from .documents import DocumentStore
 from .engine.client import FAILED, READY, WorkerClient, WorkerConfig
 from .handlers import documents, inline, lifecycle
+from .languages import uri_path
 from .models import ModelInstallError, resolve_model
 from .protocol import OffpilotProtocol
 
@@ -28,13 +30,27 @@ class OffpilotServer(LanguageServer):
         self._model_path_override = model_path
         self._engine_overrides = engine_overrides or {}
         self.engine = WorkerClient(WorkerConfig())
-        self.completions = CompletionService(self.engine, self.settings)
+        self.completions = CompletionService(self.engine, self.settings, open_texts=self.open_texts)
         self._progress_token: str | None = None
         self._told_failure = ""
 
     # ---- configuration ------------------------------------------------------------------------------
-    def configure(self, initialization_options) -> None:
-        merge(self.settings, initialization_options, source="initializationOptions")
+    def configure(self, params: types.InitializeParams) -> None:
+        merge(self.settings, params.initialization_options, source="initializationOptions")
+        roots = [f.uri for f in params.workspace_folders or []] or ([params.root_uri] if params.root_uri else [])
+        self.completions.crossfile.roots = [Path(uri_path(uri)).resolve() for uri in roots if uri.startswith("file:")]
+
+    def open_texts(self) -> dict[str, str]:
+        return {doc.uri: doc.text for doc in self.store.documents() if not doc.desynced}
+
+    def document_changed(self, uri: str, lines: list[int]) -> None:
+        for line in lines:
+            self.completions.recent_edits.record(uri, line)
+
+    def document_closed(self, uri: str) -> None:
+        self.store.close(uri)
+        self.completions.recent_edits.forget(uri)
+        self.completions.syntax.forget(uri)
 
     @property
     def position_encoding(self) -> str:

@@ -42,6 +42,15 @@ class ManualEngine:
         self.jobs[index].future.set_result(GenerationResult(text=text, finish=finish, prompt_tokens=10, generated_tokens=3))
 
 
+async def until(condition, timeout_s: float = 2.0):
+    """Let the service run (it parses off the event loop) until `condition()` holds."""
+    for _ in range(int(timeout_s / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not reached")
+
+
 def snap(text="x = |\n", version=1):
     offset = text.index("|")
     return Snapshot("file:///t.py", version, text.replace("|", ""), offset, "python")
@@ -51,10 +60,10 @@ async def test_one_request_gets_the_model_text():
     engine = ManualEngine()
     service = CompletionService(engine, Settings())
     task = asyncio.create_task(service.complete(snap()))
-    await asyncio.sleep(0)
-    assert len(engine.jobs) == 1
+    await until(lambda: len(engine.jobs) == 1)
     req = engine.jobs[0].request
-    assert [s.text for s in req.segments if s.special] == ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+    special = [s.text for s in req.segments if s.special]
+    assert special == ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]  # no other files: plain FIM
     assert req.single_line and req.max_tokens == Settings().completion.max_tokens_single_line
     engine.finish(0, "42")
     result = await task
@@ -65,19 +74,18 @@ async def test_newer_request_supersedes_waiting_and_running_ones_at_once():
     engine = ManualEngine()
     service = CompletionService(engine, Settings())
     first = asyncio.create_task(service.complete(snap(version=1)))
-    await asyncio.sleep(0)
+    await until(lambda: len(engine.jobs) == 1)
     second = asyncio.create_task(service.complete(snap(version=2)))
-    await asyncio.sleep(0)
+    await until(lambda: service._waiting is not None)
     third = asyncio.create_task(service.complete(snap(version=3)))
-    await asyncio.sleep(0)
+    await until(lambda: second.done())
     # The first was running: it is answered now and its generation told to stop; the second never started.
     assert (await first).reason.startswith("superseded")
     assert (await second).reason.startswith("superseded")
     assert engine.cancelled == [1]
     assert len(engine.jobs) == 1 and engine.max_running == 1
     engine.finish(0, "", "cancelled")  # the worker confirms the stop; only then does the newest start
-    await asyncio.sleep(0)
-    assert len(engine.jobs) == 2
+    await until(lambda: len(engine.jobs) == 2)
     engine.finish(1, "7")
     assert (await third).text == "7"
     assert engine.max_running == 1
@@ -87,7 +95,7 @@ async def test_client_cancellation_stops_the_generation():
     engine = ManualEngine()
     service = CompletionService(engine, Settings())
     task = asyncio.create_task(service.complete(snap()))
-    await asyncio.sleep(0)
+    await until(lambda: len(engine.jobs) == 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -101,7 +109,7 @@ async def test_not_ready_and_crashed_engines_give_empty_answers():
     assert (await service.complete(snap())).reason == "model loading"
     engine.state = READY
     task = asyncio.create_task(service.complete(snap()))
-    await asyncio.sleep(0)
+    await until(lambda: len(engine.jobs) == 1)
     engine.finish(0, "", "crashed")
     result = await task
     assert result.text == "" and "crashed" in result.reason
@@ -119,7 +127,7 @@ async def test_family_from_settings_overrides_detection():
     settings = Settings()
     settings.model.family = "starcoder2"
     task = asyncio.create_task(CompletionService(engine, settings).complete(snap()))
-    await asyncio.sleep(0)
-    assert engine.jobs[0].request.segments[0].text == "<fim_prefix>"
+    await until(lambda: len(engine.jobs) == 1)
+    assert "<fim_prefix>" in "".join(s.text for s in engine.jobs[0].request.segments if s.special)
     engine.finish(0, "1")
     assert (await task).text == "1"

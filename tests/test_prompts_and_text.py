@@ -49,7 +49,7 @@ def test_family_detected_from_vocabulary(tokens, architecture, family):
 
 def test_budget_keeps_whole_lines_nearest_the_cursor():
     text = "".join(f"line_{i} = {i}\n" for i in range(100)) + "tail = "
-    kept = prompts.fit_to_budget(text, 40, "end", fake_tokenize)
+    _, kept = prompts.fit_to_budget(text, 40, "end", fake_tokenize)
     assert len(kept) <= 40
     full = fake_tokenize(text)
     assert full[-len(kept):] == kept  # a suffix of the whole: nothing in the middle dropped
@@ -58,13 +58,13 @@ def test_budget_keeps_whole_lines_nearest_the_cursor():
 
 def test_budget_keeps_the_start_of_the_suffix():
     text = "".join(f"line_{i} = {i}\n" for i in range(100))
-    kept = prompts.fit_to_budget(text, 24, "start", fake_tokenize)
+    _, kept = prompts.fit_to_budget(text, 24, "start", fake_tokenize)
     assert fake_tokenize(text)[: len(kept)] == kept and 16 <= len(kept) <= 24
 
 
 def test_over_long_single_line_is_cut_by_tokens():
     text = "x = " + " + ".join(["a"] * 200)
-    assert len(prompts.fit_to_budget(text, 10, "end", fake_tokenize)) == 10
+    assert len(prompts.fit_to_budget(text, 10, "end", fake_tokenize)[1]) == 10
 
 
 def _req(**kw) -> GenerationRequest:
@@ -111,7 +111,7 @@ def test_context_rules_single_and_multi_line():
     assert not _ctx("def f(x):\n    |\n").single_line  # empty line in a block
     assert not _ctx("def f(x):|\n").single_line  # after a block opener
     assert _ctx("x = foo(|)\n").single_line  # mid-expression
-    assert _ctx("x = compute(a, |b)\n").single_line  # code to the right
+    assert _ctx("x = compute(a, |b)\n").skip_reason == "code right of the cursor"  # no tree says a hole is there
     assert _ctx("val|ue = 1\n").skip_reason == "cursor inside a word"
     assert not _ctx("function f() {|\n}", language_id="javascript").single_line
 

@@ -12,6 +12,7 @@ class TextAccumulator:
         self.request = request
         self.text = ""
         self.finish: str | None = None
+        self._brackets = _BracketDepth()
 
     def feed(self, piece: str) -> bool:
         """Add a piece; returns True when generation should stop."""
@@ -28,6 +29,15 @@ class TextAccumulator:
                 self.finish = "stop"
                 return True
         else:
+            close_at = self._brackets.feed(piece, len(self.text) - len(piece))
+            if close_at is not None:
+                # A closer for a bracket opened before the cursor: the enclosing block or call ends here,
+                # and its closer is already in the document.
+                line_start = self.text.rfind("\n", 0, close_at) + 1
+                cut = line_start if not self.text[line_start:close_at].strip() else close_at
+                self.text = self.text[:cut].rstrip(" \t")
+                self.finish = "brackets"
+                return True
             lines = self.text.split("\n")
             cut = _first_line_below_indent(lines, self.request.min_indent)
             if cut is not None:
@@ -47,6 +57,35 @@ class TextAccumulator:
         if finish in ("length", "timeout", "cancelled") and not self.request.single_line and "\n" in self.text.strip("\n"):
             self.text = self.text[: self.text.rstrip("\n").rfind("\n")]
         return self.text
+
+
+class _BracketDepth:
+    """Bracket depth of generated code, skipping brackets inside string literals."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.quote = ""
+        self.escaped = False
+
+    def feed(self, piece: str, base: int) -> int | None:
+        """Offset (in the whole text) of the first closer that goes below depth 0, if any."""
+        for i, ch in enumerate(piece):
+            if self.quote:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == self.quote or (ch == "\n" and self.quote != "`"):
+                    self.quote = ""
+            elif ch in "\"'`":
+                self.quote = ch
+            elif ch in "([{":
+                self.depth += 1
+            elif ch in ")]}":
+                self.depth -= 1
+                if self.depth < 0:
+                    return base + i
+        return None
 
 
 def _first_line_below_indent(lines: list[str], min_indent: int) -> int | None:

@@ -24,8 +24,9 @@ def did_change(ls, params: types.DidChangeTextDocumentParams) -> None:
     try:
         ls.store.change(params.text_document.uri, params.text_document.version, changes, ls.position_encoding)
     except InvalidEdit:
-        pass  # logged once by the store; the document stays desynced until a full sync
+        return  # logged once by the store; the document stays desynced until a full sync
+    ls.document_changed(params.text_document.uri, [c.range[0][0] for c in changes if c.range is not None])
 
 
 def did_close(ls, params: types.DidCloseTextDocumentParams) -> None:
-    ls.store.close(params.text_document.uri)
+    ls.document_closed(params.text_document.uri)

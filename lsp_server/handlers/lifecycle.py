@@ -6,7 +6,7 @@ from lsprotocol import types
 
 
 def initialize(ls, params: types.InitializeParams) -> None:
-    ls.configure(params.initialization_options)
+    ls.configure(params)
 
 
 async def initialized(ls, params: types.InitializedParams) -> None:

@@ -1,0 +1,138 @@
+"""What the model sees around the cursor, and whether to suggest nothing, one line or a block."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import languages
+from ..config import CompletionSettings
+from .syntax import SyntaxFacts
+
+# Characters that may stand right of the cursor without making it "mid-line": closing brackets,
+# quotes and separators that the suggestion usually completes up to.
+_CLOSERS = set(")]}>\"'`;,: \t")
+# Before the token budget is applied in the worker, cut by characters: no token is shorter than one
+# character, and 8 characters per token is far above what code tokenizers average (3-4).
+_CHARS_PER_TOKEN_CEILING = 8
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the handler froze for one request: the document as it was and the cursor as an offset."""
+
+    uri: str
+    version: int
+    text: str
+    offset: int
+    language_id: str = ""
+
+
+@dataclass
+class CompletionContext:
+    prefix: str
+    suffix: str
+    single_line: bool
+    language: str
+    """Our language name, or "text" when no grammar is known for the document."""
+    line_suffix: str
+    """Text from the cursor to the end of its line."""
+    eol: str
+    indent: int = 0
+    """Width of the cursor line's indentation (in characters); later lines indented less end a block."""
+    indent_unit: str = "    "
+    """The document's indentation step (a tab, or some spaces), to re-indent suggestions."""
+    header: str = ""
+    """First lines of the enclosing scopes, for the prompt when the window does not reach them."""
+    header_at: int = -1
+    """Where `header` starts within `prefix` (-1: before it)."""
+    comment: str = "#"
+    skip_reason: str = ""
+
+    @property
+    def code_on_right(self) -> bool:
+        return any(ch not in _CLOSERS for ch in self.line_suffix)
+
+
+def _line_bounds(text: str, offset: int) -> tuple[int, int]:
+    start = max(text.rfind("\n", 0, offset), text.rfind("\r", 0, offset)) + 1
+    end = len(text)
+    for sep in ("\n", "\r"):
+        i = text.find(sep, offset)
+        if i != -1:
+            end = min(end, i)
+    return start, end
+
+
+def document_eol(text: str) -> str:
+    i = text.find("\n")
+    if i > 0 and text[i - 1] == "\r":
+        return "\r\n"
+    if i == -1 and "\r" in text:
+        return "\r"
+    return "\n"
+
+
+def indent_unit(text: str, sample_lines: int = 2000) -> str:
+    """The document's indentation step: a tab when most indented lines start with one, else the most
+    common increase in leading spaces between consecutive lines (4 when nothing says otherwise)."""
+    tabs = spaces = 0
+    steps: dict[int, int] = {}
+    previous = 0
+    for line in text.splitlines()[:sample_lines]:
+        if not line.strip():
+            continue
+        if line.startswith("\t"):
+            tabs += 1
+            continue
+        width = len(line) - len(line.lstrip(" "))
+        if width:
+            spaces += 1
+        if width > previous:
+            steps[width - previous] = steps.get(width - previous, 0) + 1
+        previous = width
+    if tabs > spaces:
+        return "\t"
+    if not steps:
+        return "    "
+    return " " * max(steps, key=lambda k: (steps[k], -k))
+
+
+def build_context(snap: Snapshot, settings: CompletionSettings, facts: SyntaxFacts | None = None) -> CompletionContext:
+    text, offset = snap.text, snap.offset
+    info = languages.detect(snap.language_id, snap.uri)
+    line_start, line_end = _line_bounds(text, offset)
+    before = text[line_start:offset]
+    after = text[offset:line_end]
+    prefix_start = max(0, offset - settings.max_prefix_tokens * _CHARS_PER_TOKEN_CEILING)
+    ctx = CompletionContext(
+        prefix=text[prefix_start:offset],
+        suffix=text[offset : offset + settings.max_suffix_tokens * _CHARS_PER_TOKEN_CEILING],
+        single_line=True,
+        language=info.name if info else "text",
+        line_suffix=after,
+        eol=document_eol(text),
+        indent=len(before) - len(before.lstrip(" \t")) if before.strip() else len(before),
+        indent_unit=indent_unit(text),
+        comment=info.comment if info else "#",
+    )
+    if facts is not None and facts.headers:
+        ctx.header = "\n".join(facts.headers) + "\n"
+        ctx.header_at = facts.header_offset - prefix_start
+    if after[:1].isalnum() or after[:1] == "_":
+        ctx.skip_reason = "cursor inside a word"
+        return ctx
+    if facts is not None and facts.in_comment and before[-1:].isalnum():
+        ctx.skip_reason = "typing a word in a comment"
+        return ctx
+    if ctx.code_on_right:
+        # Code right of the cursor: only where the grammar says something is missing there.
+        if facts is None or not facts.hole_at_cursor:
+            ctx.skip_reason = "code right of the cursor"
+            return ctx
+        ctx.single_line = True
+    elif not before.strip():
+        ctx.single_line = False
+    else:
+        openers = info.block_openers if info else ("{", ":")
+        ctx.single_line = not before.rstrip().endswith(openers)
+    return ctx

@@ -1,0 +1,241 @@
+"""Code from other files for the prompt: definitions of what this file imports, and recent edits.
+
+Other files come from the open documents first; files on disk are read only inside the workspace
+folders, never when they look like secrets, and never over `MAX_FILE_BYTES`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import languages
+from ..languages import uri_path
+from .syntax import parse_bytes
+
+log = logging.getLogger(__name__)
+
+MAX_FILE_BYTES = 256 * 1024
+MAX_DEFINITION_LINES = 12
+SECRET_GLOBS = (".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", ".npmrc", ".pypirc", "*.p12", ".netrc")
+
+_DEFINITION_TYPES = {
+    "python": ("function_definition", "class_definition", "decorated_definition", "expression_statement"),
+    "javascript": ("function_declaration", "class_declaration", "lexical_declaration", "export_statement", "variable_declaration"),
+    "typescript": ("function_declaration", "class_declaration", "lexical_declaration", "export_statement", "interface_declaration", "type_alias_declaration"),
+    "tsx": ("function_declaration", "class_declaration", "lexical_declaration", "export_statement", "interface_declaration", "type_alias_declaration"),
+}
+_JS_EXTENSIONS = (".ts", ".tsx", ".js", ".jsx", ".mjs", ".cjs", "/index.ts", "/index.js")
+
+
+def is_secret_path(path: str) -> bool:
+    name = os.path.basename(path)
+    return any(fnmatch.fnmatch(name, pattern) for pattern in SECRET_GLOBS)
+
+
+@dataclass(frozen=True)
+class Snippet:
+    path: str
+    """Shown to the model: relative to the workspace when possible."""
+    text: str
+
+
+class RecentEdits:
+    """A small ring of recently edited regions (deduplicated by document and line range)."""
+
+    def __init__(self, capacity: int = 8, radius_lines: int = 6) -> None:
+        self.capacity = capacity
+        self.radius_lines = radius_lines
+        self._ring: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+    def record(self, uri: str, line: int) -> None:
+        bucket = line // (self.radius_lines * 2)  # nearby edits share one region
+        key = (uri, bucket)
+        self._ring.pop(key, None)
+        self._ring[key] = None
+        while len(self._ring) > self.capacity:
+            self._ring.popitem(last=False)
+
+    def forget(self, uri: str) -> None:
+        for key in [k for k in self._ring if k[0] == uri]:
+            del self._ring[key]
+
+    def snippets(self, texts: dict[str, str], exclude_uri: str, relative) -> list[Snippet]:
+        out = []
+        for uri, bucket in reversed(self._ring):
+            if uri == exclude_uri or uri not in texts:
+                continue
+            lines = texts[uri].split("\n")
+            start = bucket * self.radius_lines * 2
+            chunk = "\n".join(lines[max(0, start - 2) : start + self.radius_lines * 2 + 2]).strip("\n")
+            if chunk.strip():
+                out.append(Snippet(relative(uri), chunk))
+        return out
+
+
+def _python_imports(root, data: bytes) -> list[tuple[str, list[str]]]:
+    """(module, [names]) for `from module import a, b` (relative modules keep their dots)."""
+    out = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.type == "import_from_statement":
+            module = node.child_by_field_name("module_name")
+            names = [n.text.decode() for n in node.children_by_field_name("name")]
+            names = [n.split(" as ")[0].strip() for n in names]
+            if module is not None:
+                out.append((module.text.decode(), names))
+        elif node.type in ("module", "block", "if_statement", "try_statement"):
+            stack.extend(node.children)
+    return out
+
+
+def _js_imports(root, data: bytes) -> list[tuple[str, list[str]]]:
+    out = []
+    for node in root.children:
+        if node.type != "import_statement":
+            continue
+        source = node.child_by_field_name("source")
+        if source is None:
+            continue
+        module = source.text.decode().strip("'\"`")
+        names = []
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n.type in ("import_specifier",):
+                name = n.child_by_field_name("name")
+                if name is not None:
+                    names.append(name.text.decode())
+            elif n.type == "identifier" and n.parent is not None and n.parent.type == "import_clause":
+                names.append(n.text.decode())  # default import
+            stack.extend(n.children)
+        out.append((module, names))
+    return out
+
+
+def _definition_name(node) -> str | None:
+    target = node
+    if node.type in ("decorated_definition", "export_statement"):
+        target = node.child_by_field_name("definition") or node.child_by_field_name("declaration") or node.named_children[-1] if node.named_children else node
+    name = target.child_by_field_name("name")
+    if name is not None:
+        return name.text.decode()
+    if target.type in ("lexical_declaration", "variable_declaration"):
+        for child in target.named_children:
+            n = child.child_by_field_name("name")
+            if n is not None:
+                return n.text.decode()
+    if target.type == "expression_statement" and target.named_children:
+        assign = target.named_children[0]
+        left = assign.child_by_field_name("left")
+        if left is not None and left.type == "identifier":
+            return left.text.decode()
+    return None
+
+
+def top_level_definitions(language: str, text: str) -> dict[str, str]:
+    """name -> the definition's first lines, for the top-level definitions of a file."""
+    data = text.encode("utf-8", "surrogatepass")
+    tree = parse_bytes(language, data, deadline_s=0.2)
+    if tree is None:
+        return {}
+    types = _DEFINITION_TYPES.get(language, ())
+    out: dict[str, str] = {}
+    for node in tree.root_node.children:
+        if node.type not in types:
+            continue
+        name = _definition_name(node)
+        if name and name not in out:
+            lines = data[node.start_byte : node.end_byte].decode("utf-8", "replace").split("\n")
+            body = lines[:MAX_DEFINITION_LINES]
+            if len(lines) > MAX_DEFINITION_LINES:
+                body.append("    ..." if language == "python" else "  // ...")
+            out[name] = "\n".join(body)
+    return out
+
+
+class CrossFileContext:
+    """Finds the definitions that a document imports, in open documents and workspace files."""
+
+    def __init__(self) -> None:
+        self.roots: list[Path] = []
+        self._definitions: dict[tuple[str, object], dict[str, str]] = {}
+
+    def relative(self, uri: str) -> str:
+        path = uri_path(uri)
+        for root in self.roots:
+            try:
+                return str(Path(path).relative_to(root))
+            except ValueError:
+                continue
+        return os.path.basename(path)
+
+    def _inside_workspace(self, path: Path) -> bool:
+        resolved = path.resolve()
+        return any(resolved == r or r in resolved.parents for r in self.roots)
+
+    def _read(self, path: Path, open_texts: dict[str, str]) -> tuple[str, object] | None:
+        uri = path.as_uri()
+        if uri in open_texts:
+            return open_texts[uri], ("open", hash(open_texts[uri]))
+        if not self._inside_workspace(path) or is_secret_path(str(path)):
+            return None
+        try:
+            stat = path.stat()
+            if not path.is_file() or stat.st_size > MAX_FILE_BYTES:
+                return None
+            return path.read_text(encoding="utf-8"), ("disk", stat.st_mtime_ns, stat.st_size)
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def _module_candidates(self, language: str, current: Path, module: str) -> list[Path]:
+        if language == "python":
+            dots = len(module) - len(module.lstrip("."))
+            parts = [p for p in module.lstrip(".").split(".") if p]
+            if dots:
+                base = current.parent
+                for _ in range(dots - 1):
+                    base = base.parent
+                bases = [base]
+            else:
+                bases = [current.parent] + self.roots
+            out = []
+            for base in bases:
+                target = base.joinpath(*parts) if parts else base
+                out += [target.with_suffix(".py") if parts else target / "__init__.py", target / "__init__.py"]
+            return out
+        if module.startswith("."):
+            target = (current.parent / module)
+            return [Path(str(target) + ext) for ext in ("",) + _JS_EXTENSIONS]
+        return []
+
+    def import_snippets(self, uri: str, language: str, tree, data: bytes, open_texts: dict[str, str]) -> list[Snippet]:
+        if tree is None or language not in _DEFINITION_TYPES:
+            return []
+        imports = _python_imports(tree.root_node, data) if language == "python" else _js_imports(tree.root_node, data)
+        current = Path(uri_path(uri))
+        snippets: list[Snippet] = []
+        for module, names in imports:
+            for candidate in self._module_candidates(language, current, module):
+                found = self._read(candidate, open_texts)
+                if found is None:
+                    continue
+                text, stamp = found
+                target_language = languages.detect("", candidate.as_uri())
+                key = (str(candidate), stamp)
+                definitions = self._definitions.get(key)
+                if definitions is None:
+                    definitions = top_level_definitions(target_language.name if target_language else language, text)
+                    self._definitions[key] = definitions
+                    if len(self._definitions) > 256:
+                        self._definitions.pop(next(iter(self._definitions)))
+                picked = [definitions[n] for n in names if n in definitions]
+                if picked:
+                    snippets.append(Snippet(self.relative(candidate.as_uri()), "\n\n".join(picked)))
+                break
+        return snippets

@@ -1,0 +1,360 @@
+"""Tree-sitter: incremental trees per document, parsing with a deadline, and what the tree says about a
+cursor (suggest or not, a line or a block, the enclosing scope) and about a suggestion (does it parse).
+
+Byte offsets: tree-sitter works in UTF-8 bytes; the rest of the server in code points. `Source` keeps
+both so conversions happen once per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from .. import languages
+
+log = logging.getLogger(__name__)
+
+# Node types that open a scope whose first line is worth keeping in the prompt ("header").
+SCOPE_TYPES = {
+    "function_definition", "class_definition", "decorated_definition",  # python
+    "function_declaration", "function_expression", "arrow_function", "method_definition", "class_declaration",
+    "generator_function_declaration", "class",  # js/ts
+    "interface_declaration", "enum_declaration", "abstract_class_declaration",  # ts/java
+    "method_declaration", "func_literal", "type_declaration",  # go/java
+    "function_item", "impl_item", "trait_item", "struct_item", "enum_item", "mod_item",  # rust
+    "function_definition", "struct_specifier", "class_specifier", "namespace_definition",  # c/c++
+    "constructor_declaration",  # java
+}
+COMMENT_TYPES = ("comment", "line_comment", "block_comment")
+STRING_TYPES = ("string", "string_content", "template_string", "raw_string_literal", "string_literal",
+                "interpreted_string_literal", "char_literal", "character_literal", "string_fragment")
+
+
+class ParseTimeout(Exception):
+    """The parse ran past its deadline; callers degrade to no-tree mode."""
+
+
+def parse_bytes(name: str, data: bytes, old_tree=None, deadline_s: float | None = None):
+    """Parse with an optional deadline (tree-sitter's progress callback); raises ParseTimeout."""
+    language = languages.grammar(name)
+    if language is None:
+        return None
+    import tree_sitter
+
+    parser = tree_sitter.Parser(language)
+    if deadline_s is None:
+        return parser.parse(data, old_tree) if old_tree is not None else parser.parse(data)
+    stop_at = time.monotonic() + deadline_s
+
+    def read(byte: int, _point) -> bytes:
+        return data[byte : byte + 65536]
+
+    def progress(_offset: int, _has_error: bool) -> bool:
+        return time.monotonic() > stop_at
+
+    try:
+        if old_tree is None:
+            return parser.parse(read, progress_callback=progress)
+        return parser.parse(read, old_tree, progress_callback=progress)
+    except ValueError as exc:  # tree-sitter reports a halted parse this way
+        raise ParseTimeout(f"{name}: parse took over {deadline_s * 1000:.0f} ms") from exc
+
+
+def _point_at(data: bytes, byte: int) -> tuple[int, int]:
+    row = data.count(b"\n", 0, byte)
+    col = byte - (data.rfind(b"\n", 0, byte) + 1)
+    return row, col
+
+
+def _common_prefix_len(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    lo, hi = 0, n
+    while lo < hi:  # binary search on slice equality: C-speed comparisons
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix_len(a: bytes, b: bytes, limit: int) -> int:
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid :] == b[len(b) - mid :]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def edit_tree(tree, old: bytes, new: bytes):
+    """Tell `tree` (parsed from `old`) about the one changed span between `old` and `new`."""
+    start = _common_prefix_len(old, new)
+    tail = _common_suffix_len(old, new, min(len(old), len(new)) - start)
+    old_end, new_end = len(old) - tail, len(new) - tail
+    tree.edit(
+        start_byte=start,
+        old_end_byte=old_end,
+        new_end_byte=new_end,
+        start_point=_point_at(old, start),
+        old_end_point=_point_at(old, old_end),
+        new_end_point=_point_at(new, new_end),
+    )
+    return tree
+
+
+@dataclass
+class _Entry:
+    language: str
+    data: bytes
+    tree: object
+
+
+class TreeCache:
+    """The last tree of each document, so the next parse is incremental (only the edited span)."""
+
+    def __init__(self, max_documents: int = 64) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self.max_documents = max_documents
+
+    def parse(self, key: str, language: str, data: bytes, deadline_s: float | None):
+        entry = self._entries.get(key)
+        old_tree = None
+        if entry is not None and entry.language == language:
+            if entry.data == data:
+                return entry.tree
+            old_tree = edit_tree(entry.tree, entry.data, data)
+        tree = parse_bytes(language, data, old_tree, deadline_s)
+        if tree is not None:
+            self._entries.pop(key, None)
+            self._entries[key] = _Entry(language, data, tree)
+            while len(self._entries) > self.max_documents:
+                self._entries.pop(next(iter(self._entries)))
+        return tree
+
+    def forget(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+
+def count_errors(node, start_byte: int, end_byte: int) -> int:
+    """ERROR and MISSING nodes that intersect [start_byte, end_byte), skipping error-free subtrees."""
+    count = 0
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.end_byte < start_byte or n.start_byte > end_byte:
+            continue
+        if n.is_error or n.is_missing:
+            count += 1
+        if n.has_error:
+            stack.extend(n.children)
+    return count
+
+
+def scope_range(root, byte: int) -> tuple[int, int]:
+    """The top-level nodes around `byte`: the one containing it, or the ones before and after it."""
+    before = after = None
+    for child in root.children:
+        if child.end_byte < byte:
+            before = child
+        elif child.start_byte > byte:
+            after = child
+            break
+        else:
+            return child.start_byte, child.end_byte
+    start = before.start_byte if before is not None else 0
+    end = after.end_byte if after is not None else root.end_byte
+    return start, end
+
+
+def node_at(root, byte: int):
+    """The smallest node that covers the cursor (looking left of it when it sits at a boundary)."""
+    left = max(0, byte - 1)
+    return root.descendant_for_byte_range(left, byte)
+
+
+def inside(node, types: tuple[str, ...]) -> bool:
+    while node is not None:
+        if node.type in types or any(t in node.type for t in types):
+            return True
+        node = node.parent
+    return False
+
+
+def enclosing_headers(root, byte: int, data: bytes, indent_scoped: bool) -> list[tuple[int, bytes]]:
+    """(start byte, first line) of each scope that encloses the cursor, outermost first.
+
+    In an indentation-scoped language a scope's node ends at its last statement, so a cursor on the
+    blank line below still belongs to it when it is indented further than the scope's first line."""
+    if indent_scoped:
+        anchor = len(data[:byte].rstrip())
+        node = root.descendant_for_byte_range(max(0, anchor - 1), max(0, anchor - 1))
+        line_start = data.rfind(b"\n", 0, byte) + 1
+        line = data[line_start:byte]
+        cursor_indent = len(line) - len(line.lstrip()) if line.strip() == b"" else len(line) - len(line.lstrip()) + 1
+    else:
+        node = root.descendant_for_byte_range(byte, byte)
+        cursor_indent = None
+    headers = []
+    while node is not None:
+        if node.type in SCOPE_TYPES and node.start_byte < byte:
+            start = data.rfind(b"\n", 0, node.start_byte) + 1
+            end = data.find(b"\n", node.start_byte)
+            first_line = data[start : len(data) if end == -1 else end]
+            indent = len(first_line) - len(first_line.lstrip())
+            if cursor_indent is None or indent < cursor_indent:
+                headers.append((start, first_line))
+        node = node.parent
+    headers.reverse()
+    return headers
+
+
+_PLACEHOLDER = b"__offpilot_hole__"
+
+
+def hole_at(language: str, tree, data: bytes, byte: int, deadline_s: float) -> bool:
+    """The grammar says something is missing at the cursor: an identifier put there parses better."""
+    root = tree.root_node
+    start, end = scope_range(root, byte)
+    before = count_errors(root, start, end)
+    if before == 0:
+        return False
+    patched = data[:byte] + _PLACEHOLDER + data[byte:]
+    edited = tree.copy()
+    point = _point_at(data, byte)
+    edited.edit(
+        start_byte=byte, old_end_byte=byte, new_end_byte=byte + len(_PLACEHOLDER),
+        start_point=point, old_end_point=point, new_end_point=(point[0], point[1] + len(_PLACEHOLDER)),
+    )
+    try:
+        new_tree = parse_bytes(language, patched, edited, deadline_s)
+    except ParseTimeout:
+        return False
+    return new_tree is not None and count_errors(new_tree.root_node, start, end + len(_PLACEHOLDER)) < before
+
+
+@dataclass
+class SyntaxFacts:
+    """What the tree says about one cursor; `tree`/`data` are kept for checking the suggestion."""
+
+    language: str
+    tree: object
+    data: bytes
+    cursor_byte: int
+    in_comment: bool
+    in_string: bool
+    hole_at_cursor: bool
+    headers: list[str]
+    """First lines of the scopes enclosing the cursor, outermost first."""
+    header_offset: int
+    """Character offset where the outermost header's line starts (-1 when there is none)."""
+
+
+def analyze(
+    cache: TreeCache, key: str, language: str, text: str, offset: int, deadline_s: float, check_hole: bool = False
+) -> SyntaxFacts | None:
+    data = text.encode("utf-8", "surrogatepass")
+    cursor = len(text[:offset].encode("utf-8", "surrogatepass"))
+    tree = cache.parse(key, language, data, deadline_s)
+    if tree is None:
+        return None
+    root = tree.root_node
+    node = node_at(root, cursor)
+    headers = enclosing_headers(root, cursor, data, indent_scoped=language == "python")
+    header_offset = len(data[: headers[0][0]].decode("utf-8", "replace")) if headers else -1
+    return SyntaxFacts(
+        language=language,
+        tree=tree,
+        data=data,
+        cursor_byte=cursor,
+        in_comment=inside(node, COMMENT_TYPES),
+        in_string=inside(node, STRING_TYPES),
+        hole_at_cursor=check_hole and hole_at(language, tree, data, cursor, deadline_s),
+        headers=[h.decode("utf-8", "replace") for _, h in headers],
+        header_offset=header_offset,
+    )
+
+
+def _cut_points(suggestion: str) -> list[str]:
+    """Candidate prefixes of a suggestion, longest first: whole lines, then token ends in the first line."""
+    lines = suggestion.split("\n")
+    candidates = ["\n".join(lines[:n]).rstrip() for n in range(len(lines), 0, -1)]
+    first = lines[0]
+    boundaries = sorted({i for i in range(1, len(first)) if (first[i - 1].isalnum() or first[i - 1] == "_") != (first[i].isalnum() or first[i] == "_") or not first[i].isalnum()}, reverse=True)
+    candidates += [first[:i].rstrip() for i in boundaries]
+    seen: dict[str, None] = {}
+    for c in candidates:
+        if c.strip():
+            seen.setdefault(c, None)
+    return list(seen)
+
+
+def syntax_trim(facts: SyntaxFacts, suggestion: str, deadline_s: float, max_parses: int = 24) -> str:
+    """The longest prefix of `suggestion` (cut at line or token boundaries) that, inserted at the cursor,
+    leaves no more ERROR/MISSING nodes in the enclosing scope than the document had without it.
+    Returns "" when no prefix passes; returns the suggestion unchanged when the check runs out of time."""
+    root = facts.tree.root_node
+    start, end = scope_range(root, facts.cursor_byte)
+    baseline = count_errors(root, start, end)
+    stop_at = time.monotonic() + deadline_s
+    cursor = facts.cursor_byte
+    row, col = _point_at(facts.data, cursor)
+    for parses, candidate in enumerate(_cut_points(suggestion)):
+        remaining = stop_at - time.monotonic()
+        if parses >= max_parses or remaining <= 0:
+            log.debug("syntax check ran out of budget after %d parses", parses)
+            return suggestion
+        inserted = candidate.encode("utf-8", "surrogatepass")
+        data = facts.data[:cursor] + inserted + facts.data[cursor:]
+        tree = facts.tree.copy()
+        tree.edit(
+            start_byte=cursor, old_end_byte=cursor, new_end_byte=cursor + len(inserted),
+            start_point=(row, col), old_end_point=(row, col), new_end_point=_point_at(data, cursor + len(inserted)),
+        )
+        try:
+            new_tree = parse_bytes(facts.language, data, tree, remaining)
+        except ParseTimeout:
+            return suggestion
+        if new_tree is not None and count_errors(new_tree.root_node, start, end + len(inserted)) <= baseline:
+            return candidate
+    return ""
+
+
+class SyntaxService:
+    """Parsing off the event loop: one thread (a tree-sitter parser is not shared across threads), each
+    parse bounded by a deadline; over-large documents get no tree (plain-text mode)."""
+
+    def __init__(self, deadline_ms: float = 200.0, max_document_bytes: int = 2_000_000) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.deadline_s = deadline_ms / 1000.0
+        self.max_document_bytes = max_document_bytes
+        self.cache = TreeCache()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offpilot-parse")
+
+    async def analyze(self, key: str, language: str, text: str, offset: int, check_hole: bool) -> SyntaxFacts | None:
+        import asyncio
+
+        if languages.grammar(language) is None or len(text) > self.max_document_bytes:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._executor, analyze, self.cache, key, language, text, offset, self.deadline_s, check_hole
+            )
+        except ParseTimeout as exc:
+            log.info("no syntax tree: %s", exc)
+            self.cache.forget(key)
+            return None
+
+    async def trim(self, facts: SyntaxFacts, suggestion: str) -> str:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, syntax_trim, facts, suggestion, self.deadline_s)
+
+    def forget(self, key: str) -> None:
+        self._executor.submit(self.cache.forget, key)
