@@ -36,521 +36,48 @@ import argparse
 import json
 import os
 import random
-import re
-import subprocess
 import sys
-import sysconfig
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from holes import (  # noqa: E402  (scripts/holes.py: sources, holes, the LSP client, report helpers)
+    REPO,
+    Hole,
+    LlamaModel,
+    LspPath,
+    PathResult,
+    default_js_files,
+    default_python_files,
+    fmt_ms as _fmt_ms,
+    language_for,
+    log,
+    percentile,
+    pick_holes,
+    short_name,
+    source_dir_files,
+    table_lines,
+)
 from lsp_server import languages, prompts  # noqa: E402
 from lsp_server.config import Settings  # noqa: E402
 from lsp_server.context import Snapshot, build_context  # noqa: E402
 
-# Well-known pure-Python packages whose sources serve as "code we did not write" (those installed are used).
-PYTHON_PACKAGES = (
-    "pygls", "lsprotocol", "cattrs", "attr", "attrs", "diskcache", "jinja2", "_pytest", "pluggy",
-    "click", "packaging", "iniconfig", "markupsafe",
-)
 TARGET_LANGUAGES = ("python", "javascript")
 RATIO_TARGET = 1.10
 NONEMPTY_TARGET = 0.95
-MIN_CONTENT_CHARS = 8
-MAX_LINE_CHARS = 200
-MAX_FILE_BYTES = 300_000
-SKIP_DIRS = {".git", ".hg", ".svn", "node_modules", ".venv", "venv", "__pycache__", "build", "dist", ".tox"}
-_LINE_SPLIT = re.compile(r"(\r\n|\r|\n)")
-_COMMENT_START = ("#", "//", "/*", "*", '"""', "'''")
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+# ---- the plain path -------------------------------------------------------------------------------------
 
 
-# ---- holes ---------------------------------------------------------------------------------------------
+class PlainPath(LlamaModel):
+    """A plain llama-cpp-python call with the server's prompt tokens, limit and (by default) stops."""
 
-
-@dataclass
-class Hole:
-    index: int
-    language: str
-    language_id: str
-    path: str
-    line: int
-    """0-based line of the hole."""
-    column: int
-    """Cursor column in characters (code points) of the holed line."""
-    kind: str
-    """"block": the cursor after the indentation, the whole line removed (the server answers with a
-    block); "line": the cursor after some of the line's code, the rest removed (one line)."""
-    expected: str
-    text: str
-    """The document with the hole cut out."""
-    ext: str
-
-    @property
-    def offset(self) -> int:
-        pos = 0
-        lines = _LINE_SPLIT.split(self.text)
-        # lines alternates text, separator, text, ...
-        for i in range(self.line):
-            pos += len(lines[2 * i]) + len(lines[2 * i + 1])
-        return pos + self.column
-
-    @property
-    def column_utf16(self) -> int:
-        line = _LINE_SPLIT.split(self.text)[2 * self.line]
-        return len(line[: self.column].encode("utf-16-le")) // 2
-
-
-def _language_for(path: Path) -> languages.LanguageInfo | None:
-    suffix = path.suffix.lower()
-    for info in languages.LANGUAGES:
-        if suffix in info.extensions:
-            return info
-    return None
-
-
-def default_python_files() -> tuple[list[Path], str]:
-    roots = []
-    for key in ("purelib", "platlib"):
-        p = Path(sysconfig.get_paths()[key])
-        if p.is_dir() and p not in roots:
-            roots.append(p)
-    files: list[Path] = []
-    used = []
-    for root in roots:
-        for pkg in PYTHON_PACKAGES:
-            d = root / pkg
-            if d.is_dir():
-                used.append(pkg)
-                files.extend(sorted(d.rglob("*.py")))
-    return files, "site-packages: " + (", ".join(sorted(set(used))) or "none found")
-
-
-def default_js_files() -> tuple[list[Path], str]:
-    try:
-        out = subprocess.run(["npm", "root", "-g"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return [], f"npm not available ({exc}); JavaScript from npm skipped"
-    root = out.stdout.strip()
-    lib = Path(root) / "npm" / "lib" if root else None
-    if out.returncode != 0 or lib is None or not lib.is_dir():
-        return [], "npm's own sources not found (`npm root -g`); JavaScript from npm skipped"
-    return sorted(lib.rglob("*.js")), f"npm: {lib}"
-
-
-def source_dir_files(directory: str) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(directory):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if _language_for(p) is not None:
-                files.append(p)
-    return files
-
-
-def _split_lines(text: str) -> list[str]:
-    return _LINE_SPLIT.split(text)[0::2]
-
-
-def eligible_lines(text: str, language: str) -> list[int]:
-    """Lines worth a hole: enough code after the indentation, not blank, not in a comment or string."""
-    lines = _split_lines(text)
-    tree = None
-    try:
-        tree = languages.parse(language, text)
-    except Exception:  # a grammar problem must not stop the benchmark; fall back to prefix rules
-        tree = None
-    root = tree.root_node if tree is not None else None
-    out = []
-    for i, line in enumerate(lines):
-        if len(line) > MAX_LINE_CHARS:
-            continue
-        rest = line.lstrip(" \t")
-        indent = len(line) - len(rest)
-        if len(re.sub(r"\s", "", rest)) < MIN_CONTENT_CHARS:
-            continue
-        if rest.startswith(_COMMENT_START):
-            continue
-        if root is not None:
-            node = root.named_descendant_for_point_range((i, indent), (i, indent))
-            inside = False
-            while node is not None:
-                if "comment" in node.type or "string" in node.type:
-                    inside = True
-                    break
-                node = node.parent
-            if inside:
-                continue
-        out.append(i)
-    return out
-
-
-def pick_holes(files: list[Path], language: str, count: int, rng: random.Random, start_index: int) -> list[Hole]:
-    info = next(i for i in languages.LANGUAGES if i.name == language)
-    pool = list(files)
-    cache: dict[Path, tuple[str, list[int]] | None] = {}
-    chosen: set[tuple[Path, int]] = set()
-    holes: list[Hole] = []
-    attempts = 0
-    while len(holes) < count and pool and attempts < count * 50:
-        attempts += 1
-        path = rng.choice(pool)
-        if path not in cache:
-            cache[path] = None
-            try:
-                if path.stat().st_size <= MAX_FILE_BYTES:
-                    raw = path.read_bytes()
-                    text = raw.decode("utf-8")
-                    if "\x00" not in text and "\r" not in text.replace("\r\n", ""):
-                        cache[path] = (text, eligible_lines(text, language))
-            except (OSError, UnicodeDecodeError):
-                pass
-        entry = cache[path]
-        if entry is None or not entry[1]:
-            pool.remove(path)
-            continue
-        text, lines_ok = entry
-        line_no = rng.choice(lines_ok)
-        if (path, line_no) in chosen:
-            continue
-        chosen.add((path, line_no))
-        parts = _LINE_SPLIT.split(text)
-        line = parts[2 * line_no]
-        rest = line.lstrip(" \t")
-        indent = line[: len(line) - len(rest)]
-        cut = 0
-        if rng.random() < 0.5:  # half the holes start mid-line, after a separator
-            cuts = [i for i in range(3, len(rest) - 2) if rest[i - 1] in " (=[,.:" and not rest[i].isspace()]
-            cut = rng.choice(cuts) if cuts else 0
-        parts[2 * line_no] = indent + rest[:cut]
-        holes.append(
-            Hole(
-                index=start_index + len(holes),
-                language=language,
-                language_id=info.language_ids[0],
-                path=str(path),
-                line=line_no,
-                column=len(indent) + cut,
-                kind="line" if cut else "block",
-                expected=rest[cut:],
-                text="".join(parts),
-                ext=path.suffix.lstrip(".") or "txt",
-            )
-        )
-    return holes
-
-
-# ---- a small LSP client over stdio ------------------------------------------------------------------------
-
-
-class LspClient:
-    def __init__(self, cmd: list[str], stderr, cwd: str) -> None:
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd)
-        self._lock = threading.Lock()
-        self._next_id = 1
-        self._events: dict[int, threading.Event] = {}
-        self._replies: dict[int, tuple[dict, float]] = {}
-        self.notifications: list[dict] = []
-        self.stray_stdout = b""
-        self._reader = threading.Thread(target=self._read_loop, daemon=True)
-        self._reader.start()
-
-    def _read_loop(self) -> None:
-        out = self.proc.stdout
-        assert out is not None
-        try:
-            while True:
-                length = None
-                while True:
-                    header = out.readline()
-                    if not header:
-                        return
-                    if header in (b"\r\n", b"\n"):
-                        if length is not None:
-                            break
-                        continue
-                    if header.lower().startswith(b"content-length:"):
-                        length = int(header.split(b":", 1)[1])
-                    elif not header.lower().startswith(b"content-type:"):
-                        self.stray_stdout += header
-                body = out.read(length)
-                arrived = time.perf_counter()
-                if len(body) < length:
-                    return
-                self._dispatch(json.loads(body), arrived)
-        finally:
-            with self._lock:
-                for ev in self._events.values():
-                    ev.set()
-
-    def _dispatch(self, msg: dict, arrived: float) -> None:
-        if "method" in msg and "id" in msg:  # a request from the server
-            method = msg["method"]
-            result = [{}] * len(msg.get("params", {}).get("items", [])) if method == "workspace/configuration" else None
-            self._write({"jsonrpc": "2.0", "id": msg["id"], "result": result})
-        elif "method" in msg:
-            self.notifications.append(msg)
-            if msg["method"] == "window/showMessage":
-                log(f"server says: {msg.get('params', {}).get('message')}")
-        elif "id" in msg:
-            with self._lock:
-                self._replies[msg["id"]] = (msg, arrived)
-                ev = self._events.get(msg["id"])
-            if ev is not None:
-                ev.set()
-
-    def _write(self, msg: dict) -> None:
-        body = json.dumps(msg).encode("utf-8")
-        data = b"Content-Length: %d\r\n\r\n" % len(body) + body
-        with self._lock:
-            assert self.proc.stdin is not None
-            try:
-                self.proc.stdin.write(data)
-                self.proc.stdin.flush()
-            except (BrokenPipeError, OSError, ValueError):
-                pass  # the server is gone; the next request reports it
-
-    def notify(self, method: str, params) -> None:
-        self._write({"jsonrpc": "2.0", "method": method, "params": params})
-
-    def request(self, method: str, params, timeout_s: float) -> tuple[dict | None, float]:
-        """(reply or None on timeout/exit, seconds from just before sending to the reply's arrival)."""
-        with self._lock:
-            msg_id = self._next_id
-            self._next_id += 1
-            ev = threading.Event()
-            self._events[msg_id] = ev
-        body = json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params}).encode("utf-8")
-        data = b"Content-Length: %d\r\n\r\n" % len(body) + body
-        with self._lock:
-            assert self.proc.stdin is not None
-            sent = time.perf_counter()
-            try:
-                self.proc.stdin.write(data)
-                self.proc.stdin.flush()
-                alive = self._reader.is_alive()
-            except (BrokenPipeError, OSError, ValueError):
-                alive = False
-        if alive:
-            ev.wait(timeout_s)
-        with self._lock:
-            self._events.pop(msg_id, None)
-            reply = self._replies.pop(msg_id, None)
-        if reply is None:
-            if self.proc.poll() is None:
-                self.notify("$/cancelRequest", {"id": msg_id})
-            return None, time.perf_counter() - sent
-        return reply[0], reply[1] - sent
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.request("shutdown", None, 15)
-                self.notify("exit", None)
-                self.proc.wait(10)
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-_COMPLETION_LOG = re.compile(
-    r"completion (?P<state>ok|empty) lang=(?P<lang>\S+) mode=(?P<mode>\S+) tokens=(?P<prompt>\d+)/(?P<gen>\d+) "
-    r"reused=(?P<reused>\d+) finish=(?P<finish>\S+) context=(?P<context>[\d.]+)ms prefill=(?P<prefill>[\d.]+)ms "
-    r"decode=(?P<decode>[\d.]+)ms total=(?P<total>[\d.]+)ms"
-)
-
-
-class LogTail:
-    """New lines of the server's log since the last read (the server logs one line per generation)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.pos = 0
-
-    def read(self) -> str:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.pos)
-                data = f.read()
-        except OSError:
-            return ""
-        self.pos += len(data)
-        return data.decode("utf-8", errors="replace")
-
-    def last_completion(self) -> dict | None:
-        found = None
-        for m in _COMPLETION_LOG.finditer(self.read()):
-            found = m.groupdict()
-        if found is None:
-            return None
-        return {
-            "state": found["state"],
-            "mode": found["mode"],
-            "prompt_tokens": int(found["prompt"]),
-            "generated_tokens": int(found["gen"]),
-            "reused_tokens": int(found["reused"]),
-            "finish": found["finish"],
-            "prefill_ms": float(found["prefill"]),
-            "decode_ms": float(found["decode"]),
-            "server_total_ms": float(found["total"]),
-        }
-
-
-# ---- the two paths --------------------------------------------------------------------------------------
-
-
-@dataclass
-class PathResult:
-    ms: float | None = None
-    text: str = ""
-    nonempty: bool = False
-    error: str = ""
-    timeout: bool = False
-    extra: dict = field(default_factory=dict)
-
-
-class LspPath:
-    def __init__(self, model: Path, log_path: Path, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._stderr = open(log_path, "wb")
-        cmd = [sys.executable, "-m", "lsp_server", "serve", "--model", str(model)]
-        self.client = LspClient(cmd, self._stderr, str(REPO))
-        self.tail = LogTail(log_path)
-        self.status: dict = {}
-
-    def start(self) -> None:
-        caps = {
-            "general": {"positionEncodings": ["utf-16"]},
-            "textDocument": {
-                "synchronization": {"dynamicRegistration": False},
-                "inlineCompletion": {"dynamicRegistration": False},
-            },
-        }
-        params = {
-            "processId": os.getpid(),
-            "clientInfo": {"name": "bench_holes"},
-            "rootUri": None,
-            "capabilities": caps,
-        }
-        reply, _ = self.client.request("initialize", params, 60)
-        if reply is None or "error" in reply:
-            raise RuntimeError(f"initialize failed: {reply}")
-        self.client.notify("initialized", {})
-
-    def wait_ready(self, load_timeout_s: float) -> dict:
-        deadline = time.monotonic() + load_timeout_s
-        while time.monotonic() < deadline:
-            if self.client.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.client.proc.returncode}; see {self.log_path}")
-            reply, _ = self.client.request("offpilot/status", {}, 30)
-            status = (reply or {}).get("result") or {}
-            if status.get("state") == "ready":
-                self.status = status
-                return status
-            if status.get("state") == "failed":
-                raise RuntimeError(f"the model failed to load: {status.get('detail')}; see {self.log_path}")
-            time.sleep(0.2)
-        raise RuntimeError(f"the model was not ready after {load_timeout_s:.0f} s; see {self.log_path}")
-
-    def complete(self, hole: Hole) -> PathResult:
-        res = PathResult()
-        c = self.client
-        uri = f"file:///bench/{hole.index}.{hole.ext}"
-        if c.proc.poll() is not None:
-            res.error = f"server exited with {c.proc.returncode}"
-            return res
-        c.notify(
-            "textDocument/didOpen",
-            {"textDocument": {"uri": uri, "languageId": hole.language_id, "version": 1, "text": hole.text}},
-        )
-        # A cheap round trip so that didOpen is handled before the timed request is sent.
-        c.request("offpilot/status", {}, 30)
-        self.tail.read()  # forget log lines of earlier requests
-        params = {
-            "textDocument": {"uri": uri},
-            "position": {"line": hole.line, "character": hole.column_utf16},
-            "context": {"triggerKind": 1},
-        }
-        try:
-            reply, elapsed = c.request("textDocument/inlineCompletion", params, self.timeout_s)
-        finally:
-            c.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
-        res.ms = elapsed * 1000.0
-        if reply is None:
-            if c.proc.poll() is not None:
-                res.error = f"server exited with {c.proc.returncode}"
-            else:
-                res.timeout = True
-                res.error = f"no reply within {self.timeout_s:.0f} s"
-            return res
-        if "error" in reply:
-            res.error = f"error reply: {reply['error']}"
-            return res
-        items = (reply.get("result") or {}).get("items") or []
-        res.text = items[0].get("insertText", "") if items else ""
-        if isinstance(res.text, dict):  # a StringValue snippet
-            res.text = res.text.get("value", "")
-        res.nonempty = bool(res.text.strip())
-        res.extra = self.tail.last_completion() or {}
-        return res
-
-    def close(self) -> None:
-        self.client.close()
-        self._stderr.close()
-
-
-class PlainPath:
     def __init__(self, model: Path, settings: Settings, stops: str = "naive") -> None:
-        from llama_cpp import Llama
-
-        self.settings = settings
+        super().__init__(model, settings)
         self.stops = stops
-        self.n_threads = settings.model.n_threads or max(1, os.cpu_count() or 2)
-        self.llm = Llama(
-            model_path=str(model),
-            n_ctx=settings.model.n_ctx,
-            n_threads=self.n_threads,
-            n_threads_batch=self.n_threads,
-            n_batch=512,
-            verbose=False,
-        )
-        self.template = self._detect_template()
-
-    def _detect_template(self) -> prompts.FimTemplate:
-        templates = prompts.load_templates()
-        family = self.settings.model.family
-        if family != "auto" and family in templates:
-            return templates[family]
-        present = []
-        for tok in prompts.probe_tokens(templates.values()):
-            raw = tok.encode("utf-8")
-            special = self.llm.tokenize(raw, add_bos=False, special=True)
-            if len(special) == 1 and special != self.llm.tokenize(raw, add_bos=False, special=False):
-                present.append(tok)
-        arch = str(self.llm.metadata.get("general.architecture", ""))
-        found = prompts.detect_family(present, arch)
-        if found is None:
-            raise RuntimeError("the model has no known FIM tokens")
-        return templates[found]
-
-    def _tok_text(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
-
-    def _tok_special(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) if text else []
 
     def prepare(self, hole: Hole) -> dict:
         """The same prompt tokens, limit and stops as the server would use for this hole."""
@@ -564,9 +91,8 @@ class PlainPath:
                 "suffix": prompts.PromptValue(ctx.suffix, cs.max_suffix_tokens, "start"),
             },
         )
-        bos = [self.llm.token_bos()] if self.template.add_bos and self.llm.token_bos() >= 0 else []
         tokens = prompts.build_prompt_tokens(
-            segments, tokenize_text=self._tok_text, tokenize_special=self._tok_special, bos=bos
+            segments, tokenize_text=self._tok_text, tokenize_special=self._tok_special, bos=self.bos()
         ).tokens
         return {
             "tokens": tokens,
@@ -613,30 +139,6 @@ class PlainPath:
         except Exception as exc:  # one bad hole must not end the run
             res.error = f"{type(exc).__name__}: {exc}"
         return res
-
-
-    def _perf_reset(self) -> None:
-        try:
-            from llama_cpp import llama_cpp as C
-
-            C.llama_perf_context_reset(self.llm._ctx.ctx)
-        except Exception:
-            pass
-
-    def _perf_read(self) -> dict:
-        """llama.cpp's own counters for the last call: prompt evaluation and per-token decoding."""
-        try:
-            from llama_cpp import llama_cpp as C
-
-            d = C.llama_perf_context(self.llm._ctx.ctx)
-            return {
-                "prompt_eval_ms": d.t_p_eval_ms,
-                "prompt_eval_tokens": d.n_p_eval,
-                "decode_eval_ms": d.t_eval_ms,
-                "decode_eval_tokens": d.n_eval,
-            }
-        except Exception:
-            return {}
 
     def _server_stops(self, p: dict) -> "_ServerStops":
         import dataclasses
@@ -690,20 +192,6 @@ class _ServerStops:
 # ---- report ------------------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    pos = (len(v) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
-def _fmt_ms(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0f}"
-
-
 def _first_line_match(text: str, expected: str) -> bool:
     first = text.strip().split("\n", 1)[0].strip() if text.strip() else ""
     return bool(first) and first == expected.strip()
@@ -735,28 +223,32 @@ def summarize(records: list[dict]) -> dict:
 
 
 def print_report(records: list[dict], langs: list[str], notes: list[str]) -> None:
-    header = (
-        f"{'language':<11} {'holes':>5} | {'LSP p50':>8} {'p95':>7} | {'plain p50':>9} {'p95':>7} | {'ratio':>5} | "
-        f"{'non-empty LSP':>13} {'plain':>6} | {'1st line exact LSP':>18} {'plain':>6} | {'err/t.o.':>8}"
-    )
-    print()
-    print(header)
-    print("-" * len(header))
-    rows = [(lang, [r for r in records if r["language"] == lang]) for lang in langs]
-    rows.append(("overall", records))
-    for name, recs in rows:
+    columns = [
+        [("language", 11, "<"), ("holes", 5, ">")],
+        [("LSP p50", 8, ">"), ("p95", 7, ">")],
+        [("plain p50", 9, ">"), ("p95", 7, ">")],
+        [("ratio", 5, ">")],
+        [("non-empty LSP", 13, ">"), ("plain", 6, ">")],
+        [("1st line exact LSP", 18, ">"), ("plain", 6, ">")],
+        [("err/t.o.", 8, ">")],
+    ]
+    rows = []
+    for name, recs in [(lang, [r for r in records if r["language"] == lang]) for lang in langs] + [("overall", records)]:
         if not recs:
             continue
         s = summarize(recs)
         n = s["holes"]
-        ratio = "-" if s["ratio"] is None else f"{s['ratio']:.3f}"
-        errs = f"{s['lsp_errors'] + s['plain_errors']}/{s['lsp_timeouts']}"
-        print(
-            f"{name:<11} {n:>5} | {_fmt_ms(s['lsp_p50']):>8} {_fmt_ms(s['lsp_p95']):>7} | "
-            f"{_fmt_ms(s['plain_p50']):>9} {_fmt_ms(s['plain_p95']):>7} | {ratio:>5} | "
-            f"{100 * s['lsp_nonempty'] / n:>12.0f}% {100 * s['plain_nonempty'] / n:>5.0f}% | "
-            f"{100 * s['lsp_exact'] / n:>17.0f}% {100 * s['plain_exact'] / n:>5.0f}% | {errs:>8}"
-        )
+        rows.append([
+            name, str(n),
+            _fmt_ms(s["lsp_p50"]), _fmt_ms(s["lsp_p95"]), _fmt_ms(s["plain_p50"]), _fmt_ms(s["plain_p95"]),
+            "-" if s["ratio"] is None else f"{s['ratio']:.3f}",
+            f"{100 * s['lsp_nonempty'] / n:.0f}%", f"{100 * s['plain_nonempty'] / n:.0f}%",
+            f"{100 * s['lsp_exact'] / n:.0f}%", f"{100 * s['plain_exact'] / n:.0f}%",
+            f"{s['lsp_errors'] + s['plain_errors']}/{s['lsp_timeouts']}",
+        ])
+    print()
+    for line in table_lines(columns, rows):
+        print(line)
     print("(latencies in ms, LSP timeouts counted at the time waited; ratio = LSP p50 / plain p50; err/t.o. = failed requests of both paths / LSP timeouts)")
 
     # Where the time goes, from the server's own log line and the plain call's usage.
@@ -884,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"--source-dir {d}: not a directory, ignored")
             continue
         for p in source_dir_files(d):
-            info = _language_for(p)
+            info = language_for(p)
             if info is not None:
                 by_lang.setdefault(info.name, []).append(p)
         notes.append(f"source dir: {d}")
@@ -961,10 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                 "plain": asdict(r_plain),
             }
             records.append(rec)
-            short = hole.path
-            for marker in ("site-packages/", "node_modules/"):
-                if marker in short:
-                    short = short.split(marker, 1)[1]
+            short = short_name(hole.path)
             def state(r: PathResult) -> str:
                 return "timeout" if r.timeout else ("error: " + r.error) if r.error else ("ok" if r.nonempty else "empty")
             log(

@@ -111,7 +111,7 @@ def test_context_rules_single_and_multi_line():
     assert not _ctx("def f(x):\n    |\n").single_line  # empty line in a block
     assert not _ctx("def f(x):|\n").single_line  # after a block opener
     assert _ctx("x = foo(|)\n").single_line  # mid-expression
-    assert _ctx("x = compute(a, |b)\n").skip_reason == "code right of the cursor"  # no tree says a hole is there
+    assert _ctx("x = compute(a, | b)\n").skip_reason == "code right of the cursor"  # no tree says a hole is there
     assert _ctx("val|ue = 1\n").skip_reason == "cursor inside a word"
     assert not _ctx("function f() {|\n}", language_id="javascript").single_line
 
