@@ -90,7 +90,7 @@ def _python_imports(root, data: bytes) -> list[tuple[str, list[str]]]:
             if module is not None:
                 out.append((module.text.decode(), names))
         elif node.type in ("module", "block", "if_statement", "try_statement"):
-            stack.extend(node.children)
+            stack.extend(reversed(node.children))
     return out
 
 
@@ -120,8 +120,8 @@ def _js_imports(root, data: bytes) -> list[tuple[str, list[str]]]:
 
 def _definition_name(node) -> str | None:
     target = node
-    if node.type in ("decorated_definition", "export_statement"):
-        target = node.child_by_field_name("definition") or node.child_by_field_name("declaration") or node.named_children[-1] if node.named_children else node
+    if node.type in ("decorated_definition", "export_statement") and node.named_children:
+        target = node.child_by_field_name("definition") or node.child_by_field_name("declaration") or node.named_children[-1]
     name = target.child_by_field_name("name")
     if name is not None:
         return name.text.decode()
@@ -219,23 +219,30 @@ class CrossFileContext:
             return []
         imports = _python_imports(tree.root_node, data) if language == "python" else _js_imports(tree.root_node, data)
         current = Path(uri_path(uri))
-        snippets: list[Snippet] = []
+        picked: dict[str, dict[str, str]] = {}  # file -> name -> definition, in import order
         for module, names in imports:
             for candidate in self._module_candidates(language, current, module):
-                found = self._read(candidate, open_texts)
-                if found is None:
-                    continue
-                text, stamp = found
-                target_language = languages.detect("", candidate.as_uri())
-                key = (str(candidate), stamp)
-                definitions = self._definitions.get(key)
+                definitions = self._definitions_of(candidate, language, open_texts)
                 if definitions is None:
-                    definitions = top_level_definitions(target_language.name if target_language else language, text)
-                    self._definitions[key] = definitions
-                    if len(self._definitions) > 256:
-                        self._definitions.pop(next(iter(self._definitions)))
-                picked = [definitions[n] for n in names if n in definitions]
-                if picked:
-                    snippets.append(Snippet(self.relative(candidate.as_uri()), "\n\n".join(picked)))
+                    continue
+                chosen = picked.setdefault(self.relative(candidate.as_uri()), {})
+                for name in names:
+                    if name in definitions:
+                        chosen.setdefault(name, definitions[name])
                 break
-        return snippets
+        return [Snippet(path, "\n\n".join(defs.values())) for path, defs in picked.items() if defs]
+
+    def _definitions_of(self, path: Path, language: str, open_texts: dict[str, str]) -> dict[str, str] | None:
+        found = self._read(path, open_texts)
+        if found is None:
+            return None
+        text, stamp = found
+        key = (str(path), stamp)
+        definitions = self._definitions.get(key)
+        if definitions is None:
+            target = languages.detect("", path.as_uri())
+            definitions = top_level_definitions(target.name if target else language, text)
+            self._definitions[key] = definitions
+            if len(self._definitions) > 256:
+                self._definitions.pop(next(iter(self._definitions)))
+        return definitions

@@ -292,13 +292,35 @@ def _cut_points(suggestion: str) -> list[str]:
     return list(seen)
 
 
+def error_signatures(node, start_byte: int, end_byte: int, insert_at: int, inserted: int) -> list[tuple[str, int]]:
+    """(kind, start) of the ERROR/MISSING nodes in a range, starts mapped back to the text before an
+    insertion of `inserted` bytes at `insert_at` (-1 for an error inside the inserted text)."""
+    out = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.end_byte < start_byte or n.start_byte > end_byte:
+            continue
+        if n.is_error or n.is_missing:
+            s = n.start_byte
+            if inserted and insert_at <= s < insert_at + inserted or (n.is_error and s < insert_at < n.end_byte):
+                mapped = -1
+            else:
+                mapped = s - inserted if s >= insert_at + inserted else s
+            out.append(("MISSING " + n.type if n.is_missing else "ERROR", mapped))
+        if n.has_error:
+            stack.extend(n.children)
+    return sorted(out)
+
+
 def syntax_trim(facts: SyntaxFacts, suggestion: str, deadline_s: float, max_parses: int = 24) -> str:
     """The longest prefix of `suggestion` (cut at line or token boundaries) that, inserted at the cursor,
-    leaves no more ERROR/MISSING nodes in the enclosing scope than the document had without it.
+    does not make the enclosing scope parse worse: it leaves fewer ERROR/MISSING nodes than before, or
+    exactly the same ones and none over the inserted text (one error must not be traded for another).
     Returns "" when no prefix passes; returns the suggestion unchanged when the check runs out of time."""
     root = facts.tree.root_node
     start, end = scope_range(root, facts.cursor_byte)
-    baseline = count_errors(root, start, end)
+    baseline = error_signatures(root, start, end, facts.cursor_byte, 0)
     stop_at = time.monotonic() + deadline_s
     cursor = facts.cursor_byte
     row, col = _point_at(facts.data, cursor)
@@ -318,7 +340,10 @@ def syntax_trim(facts: SyntaxFacts, suggestion: str, deadline_s: float, max_pars
             new_tree = parse_bytes(facts.language, data, tree, remaining)
         except ParseTimeout:
             return suggestion
-        if new_tree is not None and count_errors(new_tree.root_node, start, end + len(inserted)) <= baseline:
+        if new_tree is None:
+            continue
+        after = error_signatures(new_tree.root_node, start, end + len(inserted), cursor, len(inserted))
+        if len(after) < len(baseline) or after == baseline:
             return candidate
     return ""
 
