@@ -177,3 +177,15 @@ def test_recent_edits_ring_is_small_and_deduplicated():
 def test_top_level_definitions_are_short():
     text = "def long():\n" + "    x = 1\n" * 50
     assert top_level_definitions("python", text)["long"].count("\n") <= 13
+
+
+def test_commonjs_requires(tmp_path: Path):
+    (tmp_path / "util.js").write_text("function slug(s) {\n  return s.toLowerCase()\n}\nconst VERSION = '1'\nmodule.exports = { slug, VERSION }\n")
+    cross = CrossFileContext()
+    cross.roots = [tmp_path.resolve()]
+    facts, _, _ = facts_for("javascript", "const { slug } = require('./util.js')\nconst s = |\n", check_hole=False)
+    snippets = cross.import_snippets((tmp_path / "main.js").as_uri(), "javascript", facts.tree, facts.data, {})
+    assert [s.text.split("\n")[0] for s in snippets] == ["function slug(s) {"]
+    facts, _, _ = facts_for("javascript", "const util = require('./util')\nutil.|\n", check_hole=False)
+    snippets = cross.import_snippets((tmp_path / "main.js").as_uri(), "javascript", facts.tree, facts.data, {})
+    assert "function slug(s)" in snippets[0].text and "VERSION" in snippets[0].text

@@ -94,9 +94,40 @@ def _python_imports(root, data: bytes) -> list[tuple[str, list[str]]]:
     return out
 
 
+def _require(node) -> tuple[str, list[str]] | None:
+    """`const {a, b: c} = require('./m')` → ('./m', ['a', 'b']); `const m = require('./m')` → ('./m', ['*'])."""
+    value = node.child_by_field_name("value")
+    name = node.child_by_field_name("name")
+    if value is None or name is None or value.type != "call_expression":
+        return None
+    function = value.child_by_field_name("function")
+    arguments = value.child_by_field_name("arguments")
+    if function is None or function.text != b"require" or arguments is None or not arguments.named_children:
+        return None
+    source = arguments.named_children[0]
+    if source.type != "string":
+        return None
+    module = source.text.decode().strip("'\"`")
+    if name.type == "identifier":
+        return module, ["*"]
+    names = []
+    for child in name.named_children:
+        if child.type == "shorthand_property_identifier_pattern":
+            names.append(child.text.decode())
+        elif child.type == "pair_pattern" and child.child_by_field_name("key") is not None:
+            names.append(child.child_by_field_name("key").text.decode())
+    return module, names
+
+
 def _js_imports(root, data: bytes) -> list[tuple[str, list[str]]]:
     out = []
     for node in root.children:
+        if node.type in ("lexical_declaration", "variable_declaration"):
+            for declarator in node.named_children:
+                found = _require(declarator)
+                if found:
+                    out.append(found)
+            continue
         if node.type != "import_statement":
             continue
         source = node.child_by_field_name("source")
@@ -226,7 +257,8 @@ class CrossFileContext:
                 if definitions is None:
                     continue
                 chosen = picked.setdefault(self.relative(candidate.as_uri()), {})
-                for name in names:
+                wanted = list(definitions)[:3] if "*" in names else names  # a whole-module import
+                for name in wanted:
                     if name in definitions:
                         chosen.setdefault(name, definitions[name])
                 break
