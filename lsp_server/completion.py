@@ -108,7 +108,8 @@ class CompletionService:
         info = languages.detect(snapshot.language_id, snapshot.uri)
         ctx = build_context(snapshot, settings)
         facts = None
-        if info is not None and not ctx.skip_reason:
+        if info is not None and ctx.skip_reason != "cursor inside a word":
+            # The tree may overrule the text-only decision (a hole right of the cursor, a comment).
             facts = await self.syntax.analyze(snapshot.uri, info.name, snapshot.text, snapshot.offset, ctx.code_on_right)
             ctx = build_context(snapshot, settings, facts)
         if ctx.skip_reason:
@@ -149,6 +150,8 @@ class CompletionService:
         text = postprocess.clean(result.text, ctx, surrounding)
         if text and facts is not None:
             text = await self.syntax.trim(facts, text)
+            if not ctx.single_line:  # a cut can leave a line that the document already has below
+                text = postprocess.drop_repeated_suffix_lines(text, ctx.suffix)
         timings["postprocess"] = (time.perf_counter() - t1) * 1000.0
         timings["total"] = (time.perf_counter() - t0) * 1000.0
         log.info(

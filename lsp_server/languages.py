@@ -26,6 +26,8 @@ class LanguageInfo:
     """Line endings after which a new block is expected (the first multi-line rule)."""
     comment: str = "//"
     """The line comment, for context written into the prompt as a comment."""
+    indent: str = "    "
+    """The usual indentation step when a document does not show its own."""
 
 
 LANGUAGES: tuple[LanguageInfo, ...] = (
@@ -33,7 +35,7 @@ LANGUAGES: tuple[LanguageInfo, ...] = (
     LanguageInfo("javascript", "tree_sitter_javascript", "language", (".js", ".mjs", ".cjs", ".jsx"), ("javascript", "javascriptreact"), ("{", "=>")),
     LanguageInfo("typescript", "tree_sitter_typescript", "language_typescript", (".ts", ".mts", ".cts"), ("typescript",), ("{", "=>")),
     LanguageInfo("tsx", "tree_sitter_typescript", "language_tsx", (".tsx",), ("typescriptreact",), ("{", "=>")),
-    LanguageInfo("go", "tree_sitter_go", "language", (".go",), ("go",), ("{",)),
+    LanguageInfo("go", "tree_sitter_go", "language", (".go",), ("go",), ("{",), "//", "\t"),
     LanguageInfo("rust", "tree_sitter_rust", "language", (".rs",), ("rust",), ("{",)),
     LanguageInfo("c", "tree_sitter_c", "language", (".c", ".h"), ("c",), ("{",)),
     LanguageInfo("cpp", "tree_sitter_cpp", "language", (".cc", ".cpp", ".cxx", ".hpp", ".hh", ".hxx"), ("cpp", "cuda-cpp"), ("{",)),

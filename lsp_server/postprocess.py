@@ -24,7 +24,7 @@ def clean(text: str, ctx: CompletionContext, surrounding: str = "") -> str:
         text = _trim_suffix_overlap(text, ctx.line_suffix)
     else:
         text = text.rstrip()
-        text = _drop_repeated_suffix_lines(text, ctx.suffix)
+        text = drop_repeated_suffix_lines(text, ctx.suffix)
         text = match_indentation(text, ctx.indent_unit)
     lines = text.split("\n")
     if len(lines) > MAX_SUGGESTION_LINES:
@@ -44,12 +44,14 @@ def clean(text: str, ctx: CompletionContext, surrounding: str = "") -> str:
 def match_indentation(text: str, unit: str) -> str:
     """Re-indent lines after the first with the document's step (tabs vs spaces)."""
     lines = text.split("\n")
+    leads = [ln[: len(ln) - len(ln.lstrip(" \t"))] for ln in lines[1:] if ln.strip()]
+    widths = [len(lead) for lead in leads if lead and "\t" not in lead]
+    # The model's own step: the largest common divisor of its space indentations (2, 4 or 8).
+    model_step = next((step for step in (8, 4, 2) if widths and all(w % step == 0 for w in widths)), 4)
     out = lines[:1]
-    model_step = 0
     for line in lines[1:]:
         lead = line[: len(line) - len(line.lstrip(" \t"))]
         if unit == "\t" and lead and "\t" not in lead:
-            model_step = model_step or len(lead)  # the model's own step: its first indentation
             line = "\t" * (len(lead) // model_step) + " " * (len(lead) % model_step) + line[len(lead):]
         elif unit != "\t" and "\t" in lead:
             line = lead.replace("\t", unit) + line[len(lead):]
@@ -57,23 +59,41 @@ def match_indentation(text: str, unit: str) -> str:
     return "\n".join(out)
 
 
+def bracket_depth(text: str) -> int:
+    """Opening minus closing brackets (strings are not told apart: this is for short suggestions)."""
+    return sum(text.count(c) for c in "([{") - sum(text.count(c) for c in ")]}")
+
+
 def _trim_suffix_overlap(text: str, line_suffix: str) -> str:
-    """`foo(a|)` + model "b, c)" → "b, c": the closing text is already there."""
+    """`foo(a|)` + model "b, c)" → "b, c": the closing text is already there. But `print(|)` + model
+    "len(items)" keeps its ")": the suggestion's own brackets must stay balanced."""
     right = line_suffix.rstrip()
+    depth = bracket_depth(text)
     for k in range(min(len(text), len(right)), 0, -1):
-        if text.endswith(right[:k]) and right[:k].strip():
-            return text[:-k].rstrip() if right[:k] == right else text[:-k]
+        overlap = right[:k]
+        if text.endswith(overlap) and overlap.strip() and depth - bracket_depth(overlap) <= 0:
+            return text[:-k].rstrip() if overlap == right else text[:-k]
     return text
 
 
-def _drop_repeated_suffix_lines(text: str, suffix: str) -> str:
-    """Drop trailing suggestion lines that repeat the first lines after the cursor."""
+def drop_repeated_suffix_lines(text: str, suffix: str) -> str:
+    """Cut the suggestion where it starts repeating the code after the cursor: at a line equal to the
+    first line of code below, or a trailing run of lines equal to the first lines below."""
     following = [ln for ln in suffix.replace("\r\n", "\n").split("\n") if ln.strip()][:20]
     if not following:
         return text
     lines = text.split("\n")
+    first = following[0].strip()
+    if any(ch.isalnum() for ch in first):
+        for i, line in enumerate(lines):
+            if line.strip() == first:
+                return "\n".join(lines[:i]).rstrip()
     for n in range(min(len(lines), len(following)), 0, -1):
         tail = [ln.strip() for ln in lines[-n:]]
         if tail == [ln.strip() for ln in following[:n]]:
-            return "\n".join(lines[:-n]).rstrip()
+            kept = "\n".join(lines[:-n]).rstrip()
+            # A closing "}" that ends the suggestion's own block is not a repeat of the "}" below.
+            if not any(ch.isalnum() for ch in "".join(tail)) and bracket_depth(kept) > bracket_depth(text):
+                continue
+            return kept
     return text

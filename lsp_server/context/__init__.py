@@ -72,9 +72,10 @@ def document_eol(text: str) -> str:
     return "\n"
 
 
-def indent_unit(text: str, sample_lines: int = 2000) -> str:
+def indent_unit(text: str, sample_lines: int = 2000, default: str = "    ") -> str:
     """The document's indentation step: a tab when most indented lines start with one, else the most
-    common increase in leading spaces between consecutive lines (4 when nothing says otherwise)."""
+    common increase in leading spaces between consecutive lines (the language's default when nothing
+    says otherwise)."""
     tabs = spaces = 0
     steps: dict[int, int] = {}
     previous = 0
@@ -90,10 +91,10 @@ def indent_unit(text: str, sample_lines: int = 2000) -> str:
         if width > previous:
             steps[width - previous] = steps.get(width - previous, 0) + 1
         previous = width
-    if tabs > spaces:
+    if tabs > spaces or (not tabs and not spaces and "\n\t" in text):
         return "\t"
     if not steps:
-        return "    "
+        return default
     return " " * max(steps, key=lambda k: (steps[k], -k))
 
 
@@ -112,7 +113,7 @@ def build_context(snap: Snapshot, settings: CompletionSettings, facts: SyntaxFac
         line_suffix=after,
         eol=document_eol(text),
         indent=len(before) - len(before.lstrip(" \t")) if before.strip() else len(before),
-        indent_unit=indent_unit(text),
+        indent_unit=indent_unit(text, default=info.indent if info else "    "),
         comment=info.comment if info else "#",
     )
     if facts is not None and facts.headers:
@@ -135,4 +136,6 @@ def build_context(snap: Snapshot, settings: CompletionSettings, facts: SyntaxFac
     else:
         openers = info.block_openers if info else ("{", ":")
         ctx.single_line = not before.rstrip().endswith(openers)
+        if not ctx.single_line:
+            ctx.indent += 1  # after an opener the block's lines sit deeper than the opener's line
     return ctx

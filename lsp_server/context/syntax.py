@@ -319,7 +319,9 @@ def syntax_trim(facts: SyntaxFacts, suggestion: str, deadline_s: float, max_pars
     exactly the same ones and none over the inserted text (one error must not be traded for another).
     Returns "" when no prefix passes; returns the suggestion unchanged when the check runs out of time."""
     root = facts.tree.root_node
-    start, end = scope_range(root, facts.cursor_byte)
+    # From the enclosing top-level scope to the end of the file: a brace the suggestion leaves open
+    # shows up as a MISSING node at the very end.
+    start, end = scope_range(root, facts.cursor_byte)[0], len(facts.data)
     baseline = error_signatures(root, start, end, facts.cursor_byte, 0)
     stop_at = time.monotonic() + deadline_s
     cursor = facts.cursor_byte

@@ -12,7 +12,6 @@ class TextAccumulator:
         self.request = request
         self.text = ""
         self.finish: str | None = None
-        self._brackets = _BracketDepth()
 
     def feed(self, piece: str) -> bool:
         """Add a piece; returns True when generation should stop."""
@@ -29,7 +28,7 @@ class TextAccumulator:
                 self.finish = "stop"
                 return True
         else:
-            close_at = self._brackets.feed(piece, len(self.text) - len(piece))
+            close_at = first_unbalanced_close(self.text)
             if close_at is not None:
                 # A closer for a bracket opened before the cursor: the enclosing block or call ends here,
                 # and its closer is already in the document.
@@ -39,7 +38,7 @@ class TextAccumulator:
                 self.finish = "brackets"
                 return True
             lines = self.text.split("\n")
-            cut = _first_line_below_indent(lines, self.request.min_indent)
+            cut = _first_line_below_indent(lines, self.request.min_indent, self.request.tab_width)
             if cut is not None:
                 self.text = "\n".join(lines[:cut])
                 self.finish = "indent"
@@ -59,44 +58,56 @@ class TextAccumulator:
         return self.text
 
 
-class _BracketDepth:
-    """Bracket depth of generated code, skipping brackets inside string literals."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.quote = ""
-        self.escaped = False
-
-    def feed(self, piece: str, base: int) -> int | None:
-        """Offset (in the whole text) of the first closer that goes below depth 0, if any."""
-        for i, ch in enumerate(piece):
-            if self.quote:
-                if self.escaped:
-                    self.escaped = False
-                elif ch == "\\":
-                    self.escaped = True
-                elif ch == self.quote or (ch == "\n" and self.quote != "`"):
-                    self.quote = ""
-            elif ch in "\"'`":
-                self.quote = ch
-            elif ch in "([{":
-                self.depth += 1
-            elif ch in ")]}":
-                self.depth -= 1
-                if self.depth < 0:
-                    return base + i
-        return None
+def first_unbalanced_close(text: str) -> int | None:
+    """Offset of the first closing bracket that closes something opened before the text, skipping
+    strings, char literals and comments-free code alike. A quote that does not close on its line (a
+    Rust lifetime `'a`, an apostrophe) is not a string."""
+    depth = 0
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in "\"'`":
+            end = _string_end(text, i)
+            if end is not None:
+                i = end + 1
+                continue
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth < 0:
+                return i
+        i += 1
+    return None
 
 
-def _first_line_below_indent(lines: list[str], min_indent: int) -> int | None:
-    """Index of the first later line that starts left of the cursor's block: the block has ended."""
+def _string_end(text: str, start: int) -> int | None:
+    quote = text[start]
+    i = start + 1
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == quote:
+            return i
+        if ch == "\n" and quote != "`":
+            return None
+        i += 1
+    # Unterminated at the end of what was generated so far: a string still being written.
+    return len(text) if quote != "'" or "\n" not in text[start:] else None
+
+
+def _first_line_below_indent(lines: list[str], min_indent: int, tab_width: int = 4) -> int | None:
+    """Index of the first later line that starts left of the cursor's block: the block has ended.
+    Widths are compared with tabs expanded, so a tab-indented suggestion in a space-indented file works."""
     if min_indent <= 0:
         return None
     for i, line in enumerate(lines[1:], start=1):
         stripped = line.lstrip(" \t")
         if not stripped:
             continue  # blank so far: its indentation is not known yet
-        if len(line) - len(stripped) < min_indent:
+        if len(line[: len(line) - len(stripped)].expandtabs(tab_width)) < min_indent:
             return i
     return None
 

@@ -25,6 +25,8 @@ class GenerationRequest:
     max_lines: int = 12
     min_indent: int = 0
     """A multi-line suggestion ends before a line indented less than this (the cursor's block ended)."""
+    tab_width: int = 4
+    """Columns per tab when comparing indentation."""
     temperature: float = 0.0
     timeout_s: float = 30.0
 
