@@ -15,9 +15,9 @@ from typing import Callable, Protocol
 
 from . import languages, postprocess, prompts
 from .config import Settings
-from .context import Snapshot, build_context
+from .context import CompletionContext, Snapshot, build_context
 from .context.crossfile import CrossFileContext, RecentEdits
-from .context.syntax import SyntaxService
+from .context.syntax import SyntaxFacts, SyntaxService
 from .engine.client import READY, Job
 from .engine.protocol import GenerationRequest, GenerationResult
 
@@ -41,6 +41,14 @@ class Completion:
     """"ok", or why there is no suggestion (loading, superseded, cursor inside a word, ...)."""
     timings_ms: dict[str, float] = field(default_factory=dict)
     result: GenerationResult | None = None
+
+
+@dataclass
+class Prepared:
+    ctx: CompletionContext
+    facts: SyntaxFacts | None
+    request: GenerationRequest
+    template: prompts.FimTemplate
 
 
 @dataclass
@@ -93,18 +101,16 @@ class CompletionService:
         return template
 
     # ---- requests ------------------------------------------------------------------------------------
-    async def complete(self, snapshot: Snapshot) -> Completion:
-        t0 = time.perf_counter()
-        self._latest += 1
-        mine = self._latest
+    async def prepare(self, snapshot: Snapshot) -> Prepared | str:
+        """Decide and build the generation request for a snapshot, or say why there is none."""
         settings = self.settings.completion
         if not settings.enabled:
-            return Completion("", "disabled")
+            return "disabled"
         if self.engine.state != READY:
-            return Completion("", f"model {self.engine.state}")
+            return f"model {self.engine.state}"
         template = self.template()
         if template is None:
-            return Completion("", "the model has no known FIM tokens (set model.family)")
+            return "the model has no known FIM tokens (set model.family)"
         info = languages.detect(snapshot.language_id, snapshot.uri)
         ctx = build_context(snapshot, settings)
         facts = None
@@ -113,9 +119,7 @@ class CompletionService:
             facts = await self.syntax.analyze(snapshot.uri, info.name, snapshot.text, snapshot.offset, ctx.code_on_right)
             ctx = build_context(snapshot, settings, facts)
         if ctx.skip_reason:
-            return Completion("", ctx.skip_reason)
-        if mine != self._latest:
-            return Completion("", "superseded by a newer request")
+            return ctx.skip_reason
         request = GenerationRequest(
             segments=prompts.assemble(template, self._prompt_parts(snapshot, ctx, facts)),
             add_bos=template.add_bos,
@@ -127,6 +131,19 @@ class CompletionService:
             temperature=settings.temperature,
             timeout_s=settings.generation_timeout_s,
         )
+        return Prepared(ctx, facts, request, template)
+
+    async def complete(self, snapshot: Snapshot) -> Completion:
+        t0 = time.perf_counter()
+        self._latest += 1
+        mine = self._latest
+        prepared = await self.prepare(snapshot)
+        if isinstance(prepared, str):
+            log.debug("no completion: %s", prepared)
+            return Completion("", prepared)
+        if mine != self._latest:
+            return Completion("", "superseded by a newer request")
+        ctx, facts, request, template = prepared.ctx, prepared.facts, prepared.request, prepared.template
         context_ms = (time.perf_counter() - t0) * 1000.0
 
         loop = asyncio.get_running_loop()
@@ -148,15 +165,18 @@ class CompletionService:
         t1 = time.perf_counter()
         surrounding = snapshot.text[max(0, snapshot.offset - 2000) : snapshot.offset + 2000]
         text = postprocess.clean(result.text, ctx, surrounding)
+        cleaned = bool(text)
         if text and facts is not None:
             text = await self.syntax.trim(facts, text)
             if not ctx.single_line:  # a cut can leave a line that the document already has below
                 text = postprocess.drop_repeated_suffix_lines(text, ctx.suffix)
         timings["postprocess"] = (time.perf_counter() - t1) * 1000.0
         timings["total"] = (time.perf_counter() - t0) * 1000.0
+        reason = "ok" if text else ("syntax check" if cleaned else "post-processing")
         log.info(
-            "completion %s lang=%s mode=%s tokens=%d/%d reused=%d finish=%s context=%.1fms prefill=%.0fms decode=%.0fms post=%.1fms total=%.0fms template=%s chars=%d",
+            "completion %s reason=%s lang=%s mode=%s tokens=%d/%d reused=%d finish=%s context=%.1fms prefill=%.0fms decode=%.0fms post=%.1fms total=%.0fms template=%s chars=%d",
             "ok" if text else "empty",
+            reason.replace(" ", "-"),
             ctx.language,
             "line" if ctx.single_line else "block",
             result.prompt_tokens,
@@ -171,7 +191,7 @@ class CompletionService:
             template.source,
             len(text),
         )
-        return Completion(text, "ok" if text else "model suggested nothing usable", timings, result)
+        return Completion(text, reason if text else f"nothing usable after {reason}", timings, result)
 
     def _prompt_parts(self, snapshot: Snapshot, ctx, facts) -> prompts.PromptParts:
         settings = self.settings.completion

@@ -37,11 +37,11 @@ class ModelSettings:
 class CompletionSettings:
     enabled: bool = True
     """Offer inline completions."""
-    max_prefix_tokens: int = 512
+    max_prefix_tokens: int = 320
     """Budget in model tokens for the text before the cursor."""
-    max_suffix_tokens: int = 128
+    max_suffix_tokens: int = 64
     """Budget in model tokens for the text after the cursor."""
-    max_snippet_tokens: int = 128
+    max_snippet_tokens: int = 96
     """Budget in model tokens for code from other files (imported definitions, recent edits)."""
     max_snippets: int = 4
     """Most snippets from other files in one prompt."""

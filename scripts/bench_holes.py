@@ -33,6 +33,7 @@ look faster than it is.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -59,10 +60,12 @@ from holes import (  # noqa: E402  (scripts/holes.py: sources, holes, the LSP cl
     short_name,
     source_dir_files,
     table_lines,
+    workspace_folders,
 )
 from lsp_server import languages, prompts  # noqa: E402
 from lsp_server.config import Settings  # noqa: E402
-from lsp_server.context import Snapshot, build_context  # noqa: E402
+from lsp_server.completion import CompletionService  # noqa: E402
+from lsp_server.context import Snapshot  # noqa: E402
 
 TARGET_LANGUAGES = ("python", "javascript")
 RATIO_TARGET = 1.10
@@ -72,35 +75,41 @@ NONEMPTY_TARGET = 0.95
 # ---- the plain path -------------------------------------------------------------------------------------
 
 
+class _TemplateOnly:
+    """An engine stand-in for building requests: ready, with no vocabulary (the family is set)."""
+
+    state, detail, info = "ready", "", {}
+
+
 class PlainPath(LlamaModel):
     """A plain llama-cpp-python call with the server's prompt tokens, limit and (by default) stops."""
 
-    def __init__(self, model: Path, settings: Settings, stops: str = "naive") -> None:
+    def __init__(self, model: Path, settings: Settings, stops: str = "naive", workspace: list[Path] = ()) -> None:
         super().__init__(model, settings)
         self.stops = stops
+        # The server's own request builder (context, syntax decisions, prompt assembly), so both paths
+        # get the same prompt tokens; only the generation differs.
+        settings.model.family = self.template.family
+        self.service = CompletionService(_TemplateOnly(), settings)
+        self.service.crossfile.roots = [w.resolve() for w in workspace]
 
     def prepare(self, hole: Hole) -> dict:
         """The same prompt tokens, limit and stops as the server would use for this hole."""
-        cs = self.settings.completion
-        snap = Snapshot(f"file:///bench/{hole.index}.{hole.ext}", 1, hole.text, hole.offset, hole.language_id)
-        ctx = build_context(snap, cs)
-        segments = prompts.render(
-            self.template,
-            {
-                "prefix": prompts.PromptValue(ctx.prefix, cs.max_prefix_tokens, "end"),
-                "suffix": prompts.PromptValue(ctx.suffix, cs.max_suffix_tokens, "start"),
-            },
-        )
+        snap = Snapshot(hole.uri, 1, hole.text, hole.offset, hole.language_id)
+        prepared = asyncio.run(self.service.prepare(snap))
+        if isinstance(prepared, str):
+            return {"tokens": [], "ctx": None, "single_line": True, "skip_reason": prepared, "max_tokens": 0, "stop": []}
+        request, ctx = prepared.request, prepared.ctx
         tokens = prompts.build_prompt_tokens(
-            segments, tokenize_text=self._tok_text, tokenize_special=self._tok_special, bos=self.bos()
+            request.segments, tokenize_text=self._tok_text, tokenize_special=self._tok_special, bos=self.bos()
         ).tokens
         return {
             "tokens": tokens,
             "ctx": ctx,
             "single_line": ctx.single_line,
-            "skip_reason": ctx.skip_reason,
-            "max_tokens": cs.max_tokens_single_line if ctx.single_line else cs.max_tokens_multi_line,
-            "stop": (["\n"] if ctx.single_line else []) + list(self.template.stop),
+            "skip_reason": "",
+            "max_tokens": request.max_tokens,
+            "stop": (["\n"] if ctx.single_line else []) + list(request.stop),
         }
 
     def complete(self, hole: Hole) -> PathResult:
@@ -115,8 +124,10 @@ class PlainPath(LlamaModel):
                 "max_tokens": p["max_tokens"],
                 "prompt_build_ms": prompt_ms,
             }
-            if p["skip_reason"]:
+            if p["skip_reason"]:  # the server answers this hole without the model; so does this path
                 res.extra["skip_reason"] = p["skip_reason"]
+                res.ms = prompt_ms
+                return res
             criterion = self._server_stops(p) if self.stops == "server" else None
             self._perf_reset()
             t0 = time.perf_counter()
@@ -414,11 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = []
     try:
         log(f"starting the server (log: {args.server_log}) ...")
-        lsp = LspPath(model, Path(args.server_log), args.timeout)
+        workspace = workspace_folders(by_lang)
+        lsp = LspPath(model, Path(args.server_log), args.timeout, workspace=workspace)
         lsp.start()
         log("loading the model for the plain path ...")
         t0 = time.perf_counter()
-        plain = PlainPath(model, settings, args.plain_stops)
+        plain = PlainPath(model, settings, args.plain_stops, workspace)
         log(f"plain model loaded in {time.perf_counter() - t0:.1f} s (template {plain.template.family})")
         status = lsp.wait_ready(args.load_timeout)
         log(f"server ready (family {status.get('family')}, worker pid {status.get('workerPid')})")

@@ -640,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     template_family = None
     try:
         log(f"starting the server (log: {args.server_log}) ...")
-        lsp = LspPath(model, Path(args.server_log), args.timeout, client_name="eval_fim", keep_log=True)
+        workspace = workspace_folders({lang: by_lang[lang] for lang in order})
+        lsp = LspPath(model, Path(args.server_log), args.timeout, client_name="eval_fim", keep_log=True, workspace=workspace)
         lsp.start()
         log("loading the model for the naive path ...")
         t0 = time.perf_counter()

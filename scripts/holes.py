@@ -353,6 +353,16 @@ class Hole:
         return pos + self.column
 
     @property
+    def uri(self) -> str:
+        """The real file's URI when it is a source file of its language (so the server finds its imports
+        on disk, as in an editor), else a made-up one."""
+        path = Path(self.path)
+        info = languages.detect("", path.as_uri())
+        if path.is_file() and info is not None and info.name == self.language:
+            return path.resolve().as_uri()
+        return f"file:///bench/{self.index}.{self.ext}"
+
+    @property
     def column_utf16(self) -> int:
         line = _LINE_SPLIT.split(self.text)[2 * self.line]
         return len(line[: self.column].encode("utf-16-le")) // 2
@@ -689,6 +699,19 @@ class PathResult:
     extra: dict = field(default_factory=dict)
 
 
+def workspace_folders(files_by_language: dict[str, list[Path]]) -> list[Path]:
+    """One workspace folder per language: the folder its source files share (site-packages, npm's lib...)."""
+    folders: list[Path] = []
+    for files in files_by_language.values():
+        real = [str(f.resolve()) for f in files if f.is_file()]
+        if real:
+            common = Path(os.path.commonpath(real))
+            folder = common if common.is_dir() else common.parent
+            if folder not in folders:
+                folders.append(folder)
+    return folders
+
+
 class LspPath:
     """The language server as an editor drives it: didOpen, inlineCompletion (timed), didClose.
 
@@ -696,7 +719,8 @@ class LspPath:
     ran (`log`) and any `reason=` fields in them (`reasons`)."""
 
     def __init__(self, model: Path, log_path: Path, timeout_s: float, client_name: str = "bench_holes",
-                 keep_log: bool = False) -> None:
+                 keep_log: bool = False, workspace: Iterable[Path] = ()) -> None:
+        self.workspace = list(workspace)
         self.timeout_s = timeout_s
         self.log_path = log_path
         self.client_name = client_name
@@ -719,7 +743,8 @@ class LspPath:
         params = {
             "processId": os.getpid(),
             "clientInfo": {"name": self.client_name},
-            "rootUri": None,
+            "rootUri": self.workspace[0].as_uri() if self.workspace else None,
+            "workspaceFolders": [{"uri": w.as_uri(), "name": w.name} for w in self.workspace] or None,
             "capabilities": caps,
         }
         reply, _ = self.client.request("initialize", params, 60)
@@ -745,7 +770,7 @@ class LspPath:
     def complete(self, hole: Hole) -> PathResult:
         res = PathResult()
         c = self.client
-        uri = f"file:///bench/{hole.index}.{hole.ext}"
+        uri = hole.uri
         if c.proc.poll() is not None:
             res.error = f"server exited with {c.proc.returncode}"
             return res
