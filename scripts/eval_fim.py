@@ -74,6 +74,7 @@ from holes import (  # noqa: E402  (scripts/holes.py: sources, holes, the LSP cl
     source_dir_files,
     split_lines,
     table_lines,
+    workspace_folders,
 )
 from lsp_server import languages, prompts  # noqa: E402
 from lsp_server.config import Settings  # noqa: E402
