@@ -703,7 +703,7 @@ def workspace_folders(files_by_language: dict[str, list[Path]]) -> list[Path]:
     """One workspace folder per language: the folder its source files share (site-packages, npm's lib...)."""
     folders: list[Path] = []
     for files in files_by_language.values():
-        real = [str(f.resolve()) for f in files if f.is_file()]
+        real = [str(f.resolve()) for f in files if isinstance(f, Path) and f.is_file()]
         if real:
             common = Path(os.path.commonpath(real))
             folder = common if common.is_dir() else common.parent
