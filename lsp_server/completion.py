@@ -123,6 +123,7 @@ class CompletionService:
         request = GenerationRequest(
             segments=prompts.assemble(template, self._prompt_parts(snapshot, ctx, facts)),
             add_bos=template.add_bos,
+            max_prompt_tokens=settings.max_prompt_tokens,
             max_tokens=settings.max_tokens_single_line if ctx.single_line else settings.max_tokens_multi_line,
             stop=list(template.stop),
             single_line=ctx.single_line,

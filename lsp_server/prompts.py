@@ -256,22 +256,45 @@ def build_prompt_tokens(
     tokenize_text: Tokenize,
     tokenize_special: Tokenize,
     bos: list[int],
+    max_prompt_tokens: int | None = None,
 ) -> BuiltPrompt:
-    """Token ids of the whole prompt: special text with special tokens, values as plain text in budget."""
-    out: list[int] = list(bos)
-    counts: list[int] = []
-    for seg in segments:
-        if seg.special:
-            toks = tokenize_special(seg.text)
-        else:
-            kept, toks = fit_to_budget(seg.text, seg.budget_tokens, seg.keep, tokenize_text)
-            if seg.pinned and seg.keep == "end" and len(seg.text) - kept > seg.pinned_at:
-                # The window no longer reaches the enclosing scopes' first lines: put them in front.
-                pinned = tokenize_text(seg.pinned)
-                room = (seg.budget_tokens or 0) - len(pinned)
-                if room > 0:
-                    _, toks = fit_to_budget(seg.text, room, seg.keep, tokenize_text)
-                    toks = pinned + toks
-        counts.append(len(toks))
-        out.extend(toks)
-    return BuiltPrompt(out, counts)
+    """Token ids of the whole prompt: special text with special tokens, values as plain text in budget.
+
+    With `max_prompt_tokens`, the text before the cursor (the one "end"-kept segment with a pinned
+    header slot, i.e. the prefix) gets what the other parts leave: other files cost no extra prefill."""
+    prefix = _prefix_of(segments)
+    fill = next((i for i, seg in enumerate(segments) if seg is prefix), None)
+    pieces: list[list[int] | None] = [None] * len(segments)
+    for i, seg in enumerate(segments):
+        if i != fill:
+            pieces[i] = _segment_tokens(seg, seg.budget_tokens, tokenize_text, tokenize_special)
+    if fill is not None:
+        budget = segments[fill].budget_tokens
+        if max_prompt_tokens is not None:
+            used = len(bos) + sum(len(p) for p in pieces if p is not None)
+            budget = max(0, min(budget if budget is not None else max_prompt_tokens, max_prompt_tokens - used))
+        pieces[fill] = _segment_tokens(segments[fill], budget, tokenize_text, tokenize_special)
+    out = list(bos)
+    for p in pieces:
+        out.extend(p or [])
+    return BuiltPrompt(out, [len(p or []) for p in pieces])
+
+
+def _prefix_of(segments: list[Segment]) -> Segment | None:
+    """The segment of text before the cursor: the last plain segment kept from its end."""
+    plain = [seg for seg in segments if not seg.special and seg.keep == "end"]
+    return plain[-1] if plain else None
+
+
+def _segment_tokens(seg: Segment, budget: int | None, tokenize_text: Tokenize, tokenize_special: Tokenize) -> list[int]:
+    if seg.special:
+        return tokenize_special(seg.text)
+    kept, toks = fit_to_budget(seg.text, budget, seg.keep, tokenize_text)
+    if seg.pinned and seg.keep == "end" and len(seg.text) - kept > seg.pinned_at:
+        # The window no longer reaches the enclosing scopes' first lines: put them in front.
+        pinned = tokenize_text(seg.pinned)
+        room = (budget or 0) - len(pinned)
+        if room > 0:
+            _, toks = fit_to_budget(seg.text, room, seg.keep, tokenize_text)
+            toks = pinned + toks
+    return toks

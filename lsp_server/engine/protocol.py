@@ -19,6 +19,8 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 class GenerationRequest:
     segments: list[Segment]
     add_bos: bool = False
+    max_prompt_tokens: int | None = None
+    """All parts together; the text before the cursor gets what the others leave."""
     max_tokens: int = 48
     stop: list[str] = field(default_factory=list)
     single_line: bool = True
