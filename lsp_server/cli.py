@@ -34,6 +34,10 @@ def setup_logging(level: str = "INFO", log_file: str | None = None) -> None:
     logging.getLogger("llama_cpp").setLevel(logging.WARNING)
 
 
+def _error(message: str) -> None:
+    sys.stderr.write(message + "\n")
+
+
 def _protect_stdout():
     """Give JSON-RPC a private copy of fd 1 and point fd 1 at stderr, so nothing else can write there."""
     rpc_out = os.fdopen(os.dup(1), "wb", buffering=0)
@@ -81,11 +85,11 @@ async def _complete(args: argparse.Namespace) -> int:
         path, line, col = _parse_location(args.location)
         text = path.read_text(encoding="utf-8")
     except (ValueError, OSError, UnicodeDecodeError) as exc:
-        print(f"offpilot complete: {exc}", file=sys.stderr)
+        _error(f"offpilot complete: {exc}")
         return 2
     doc = Document(path.resolve().as_uri(), "", 0, text)
     if line < 1 or line > len(doc.starts):
-        print(f"offpilot complete: line {line} is outside 1..{len(doc.starts)}", file=sys.stderr)
+        _error(f"offpilot complete: line {line} is outside 1..{len(doc.starts)}")
         return 2
     line_length = doc.line_content_end(line - 1) - doc.starts[line - 1]
     column = line_length if col is None else min(col - 1, line_length)
@@ -94,7 +98,7 @@ async def _complete(args: argparse.Namespace) -> int:
     try:
         model_path = resolve_model(args.model)
     except ModelInstallError as exc:
-        print(f"offpilot complete: {exc}", file=sys.stderr)
+        _error(f"offpilot complete: {exc}")
         return 2
     engine = WorkerClient(
         WorkerConfig(
@@ -109,7 +113,7 @@ async def _complete(args: argparse.Namespace) -> int:
     engine.start()
     try:
         if not await engine.wait_ready(settings.worker.load_timeout_s) or engine.state != READY:
-            print(f"offpilot complete: the model could not be loaded: {engine.detail}", file=sys.stderr)
+            _error(f"offpilot complete: the model could not be loaded: {engine.detail}")
             return 1
         load_ms = (time.perf_counter() - t_load) * 1000.0
         service = CompletionService(engine, settings)
@@ -162,7 +166,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         try:
             path = models.install(name)
         except models.ModelInstallError as exc:
-            print(f"offpilot models install: {exc}", file=sys.stderr)
+            _error(f"offpilot models install: {exc}")
             return 1
         print(f"installed {name}: {path}")  # stdout-ok
         return 0
