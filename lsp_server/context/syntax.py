@@ -139,19 +139,21 @@ class TreeCache:
         self._entries.pop(key, None)
 
 
-def count_errors(node, start_byte: int, end_byte: int) -> int:
+def error_nodes(node, start_byte: int, end_byte: int):
     """ERROR and MISSING nodes that intersect [start_byte, end_byte), skipping error-free subtrees."""
-    count = 0
     stack = [node]
     while stack:
         n = stack.pop()
         if n.end_byte < start_byte or n.start_byte > end_byte:
             continue
         if n.is_error or n.is_missing:
-            count += 1
+            yield n
         if n.has_error:
             stack.extend(n.children)
-    return count
+
+
+def count_errors(node, start_byte: int, end_byte: int) -> int:
+    return sum(1 for _ in error_nodes(node, start_byte, end_byte))
 
 
 def scope_range(root, byte: int) -> tuple[int, int]:
@@ -296,20 +298,13 @@ def error_signatures(node, start_byte: int, end_byte: int, insert_at: int, inser
     """(kind, start) of the ERROR/MISSING nodes in a range, starts mapped back to the text before an
     insertion of `inserted` bytes at `insert_at` (-1 for an error inside the inserted text)."""
     out = []
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n.end_byte < start_byte or n.start_byte > end_byte:
-            continue
-        if n.is_error or n.is_missing:
-            s = n.start_byte
-            if inserted and insert_at <= s < insert_at + inserted or (n.is_error and s < insert_at < n.end_byte):
-                mapped = -1
-            else:
-                mapped = s - inserted if s >= insert_at + inserted else s
-            out.append(("MISSING " + n.type if n.is_missing else "ERROR", mapped))
-        if n.has_error:
-            stack.extend(n.children)
+    for n in error_nodes(node, start_byte, end_byte):
+        s = n.start_byte
+        if inserted and insert_at <= s < insert_at + inserted or (n.is_error and s < insert_at < n.end_byte):
+            mapped = -1
+        else:
+            mapped = s - inserted if s >= insert_at + inserted else s
+        out.append(("MISSING " + n.type if n.is_missing else "ERROR", mapped))
     return sorted(out)
 
 
