@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="don't look for code on this machine, only use --source-dir")
     ap.add_argument("--list-sources", action="store_true", help="print the sources found per language and exit")
     ap.add_argument("--json-out", metavar="FILE", help="write every per-hole record here")
+    ap.add_argument("--records-out", metavar="FILE", help="append each per-hole record as a JSON line as soon as it is done")
+    ap.add_argument("--skip", type=int, default=0, help="skip the first N holes of the (deterministic) list: resume a run")
     ap.add_argument("--prefix-lines", type=int, default=NAIVE_PREFIX_LINES,
                     help=f"naive window: lines before the cursor line (default {NAIVE_PREFIX_LINES})")
     ap.add_argument("--suffix-lines", type=int, default=NAIVE_SUFFIX_LINES,
@@ -661,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warm-up: LSP {fmt_ms(w1.ms)} ms {w1.error or ''}, naive {fmt_ms(w2.ms)} ms {w2.error or ''}")
 
         for k, hole in enumerate(holes):
+            if k < args.skip:
+                continue
             lsp_first = k % 2 == 0
             if lsp_first:
                 r_lsp = lsp.complete(hole)
@@ -681,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
                 "naive": score(r_naive, hole),
             }
             records.append(rec)
+            if args.records_out:
+                with open(args.records_out, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
 
             def state(s: dict) -> str:
                 if s["timeout"]:

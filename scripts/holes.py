@@ -357,8 +357,8 @@ class Hole:
         """The real file's URI when it is a source file of its language (so the server finds its imports
         on disk, as in an editor), else a made-up one."""
         path = Path(self.path)
-        info = languages.detect("", path.as_uri())
-        if path.is_file() and info is not None and info.name == self.language:
+        info = languages.detect("", path.as_uri()) if path.is_absolute() else None
+        if info is not None and info.name == self.language and path.is_file():
             return path.resolve().as_uri()
         return f"file:///bench/{self.index}.{self.ext}"
 
