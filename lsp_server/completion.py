@@ -164,6 +164,7 @@ class CompletionService:
         if result.finish in ("crashed", "not_ready", "error", "cancelled"):
             return Completion("", f"generation {result.finish} {result.error}".strip(), {**timings, "total": total_ms}, result)
         t1 = time.perf_counter()
+        log.debug("model text (%s): %r", result.finish, result.text)  # content only at DEBUG
         surrounding = snapshot.text[max(0, snapshot.offset - 2000) : snapshot.offset + 2000]
         text = postprocess.clean(result.text, ctx, surrounding)
         cleaned = bool(text)

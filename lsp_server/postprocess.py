@@ -21,6 +21,7 @@ def clean(text: str, ctx: CompletionContext, surrounding: str = "") -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if ctx.single_line:
         text = text.rstrip()
+        text = _drop_retyped_line_start(text, ctx.line_prefix)
         text = _trim_suffix_overlap(text, ctx.line_suffix)
     else:
         text = text.rstrip()
@@ -62,6 +63,14 @@ def match_indentation(text: str, unit: str) -> str:
 def bracket_depth(text: str) -> int:
     """Opening minus closing brackets (strings are not told apart: this is for short suggestions)."""
     return sum(text.count(c) for c in "([{") - sum(text.count(c) for c in ")]}")
+
+
+def _drop_retyped_line_start(text: str, line_prefix: str) -> str:
+    """`case |` + model "case 'revoke':" → "'revoke':": the model started the line again."""
+    typed = line_prefix.lstrip()
+    if typed.strip() and text.startswith(typed) and len(text) > len(typed):
+        return text[len(typed):]
+    return text
 
 
 def _trim_suffix_overlap(text: str, line_suffix: str) -> str:

@@ -37,6 +37,8 @@ class CompletionContext:
     line_suffix: str
     """Text from the cursor to the end of its line."""
     eol: str
+    line_prefix: str = ""
+    """Text from the start of the cursor's line to the cursor."""
     indent: int = 0
     """Width of the cursor line's indentation (in characters); later lines indented less end a block."""
     indent_unit: str = "    "
@@ -111,6 +113,7 @@ def build_context(snap: Snapshot, settings: CompletionSettings, facts: SyntaxFac
         single_line=True,
         language=info.name if info else "text",
         line_suffix=after,
+        line_prefix=before,
         eol=document_eol(text),
         indent=len(before) - len(before.lstrip(" \t")) if before.strip() else len(before),
         indent_unit=indent_unit(text, default=info.indent if info else "    "),
