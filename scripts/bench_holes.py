@@ -59,6 +59,8 @@ from holes import (  # noqa: E402  (scripts/holes.py: sources, holes, the LSP cl
     pick_holes,
     short_name,
     source_dir_files,
+    hole_record,
+    side_by_side,
     table_lines,
     workspace_folders,
 )
@@ -444,21 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warm-up: LSP {_fmt_ms(w1.ms)} ms {w1.error or ''}, plain {_fmt_ms(w2.ms)} ms {w2.error or ''}")
 
         for k, hole in enumerate(holes):
-            lsp_first = k % 2 == 0
-            if lsp_first:
-                r_lsp = lsp.complete(hole)
-                r_plain = plain.complete(hole)
-            else:
-                r_plain = plain.complete(hole)
-                r_lsp = lsp.complete(hole)
+            r_lsp, r_plain, lsp_first = side_by_side(k, hole, lsp, plain)
             rec = {
-                "index": hole.index,
-                "language": hole.language,
-                "file": hole.path,
-                "line": hole.line + 1,
-                "column": hole.column,
-                "kind": hole.kind,
-                "expected": hole.expected,
+                **hole_record(hole),
                 "order": "lsp-first" if lsp_first else "plain-first",
                 "single_line": r_plain.extra.get("single_line"),
                 "max_tokens": r_plain.extra.get("max_tokens"),

@@ -73,6 +73,8 @@ from holes import (  # noqa: E402  (scripts/holes.py: sources, holes, the LSP cl
     short_name,
     source_dir_files,
     split_lines,
+    hole_record,
+    side_by_side,
     table_lines,
     workspace_folders,
 )
@@ -665,21 +667,9 @@ def main(argv: list[str] | None = None) -> int:
         for k, hole in enumerate(holes):
             if k < args.skip:
                 continue
-            lsp_first = k % 2 == 0
-            if lsp_first:
-                r_lsp = lsp.complete(hole)
-                r_naive = naive.complete(hole)
-            else:
-                r_naive = naive.complete(hole)
-                r_lsp = lsp.complete(hole)
+            r_lsp, r_naive, lsp_first = side_by_side(k, hole, lsp, naive)
             rec = {
-                "index": hole.index,
-                "language": hole.language,
-                "kind": hole.kind,
-                "file": hole.path,
-                "line": hole.line + 1,
-                "column": hole.column,
-                "expected": hole.expected,
+                **hole_record(hole),
                 "order": "lsp-first" if lsp_first else "naive-first",
                 "lsp": score(r_lsp, hole),
                 "naive": score(r_naive, hole),

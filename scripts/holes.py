@@ -699,6 +699,31 @@ class PathResult:
     extra: dict = field(default_factory=dict)
 
 
+def side_by_side(k: int, hole: Hole, lsp, other) -> tuple[PathResult, PathResult, bool]:
+    """Complete one hole on both paths, one after the other, alternating which goes first (fairness)."""
+    lsp_first = k % 2 == 0
+    if lsp_first:
+        r_lsp = lsp.complete(hole)
+        r_other = other.complete(hole)
+    else:
+        r_other = other.complete(hole)
+        r_lsp = lsp.complete(hole)
+    return r_lsp, r_other, lsp_first
+
+
+def hole_record(hole: Hole) -> dict:
+    """The fields every per-hole record starts with."""
+    return {
+        "index": hole.index,
+        "language": hole.language,
+        "kind": hole.kind,
+        "file": hole.path,
+        "line": hole.line + 1,
+        "column": hole.column,
+        "expected": hole.expected,
+    }
+
+
 def workspace_folders(files_by_language: dict[str, list[Path]]) -> list[Path]:
     """One workspace folder per language: the folder its source files share (site-packages, npm's lib...)."""
     folders: list[Path] = []
