@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 
 from . import languages, postprocess, prompts
 from .config import Settings
-from .context import CompletionContext, Snapshot, build_context
+from .context import CompletionContext, Snapshot, build_context, has_code, inside_word, line_suffix_at
 from .context.crossfile import CrossFileContext, RecentEdits
 from .context.syntax import SyntaxFacts, SyntaxService
 from .engine.client import READY, Job
@@ -112,12 +112,12 @@ class CompletionService:
         if template is None:
             return "the model has no known FIM tokens (set model.family)"
         info = languages.detect(snapshot.language_id, snapshot.uri)
-        ctx = build_context(snapshot, settings)
+        after = line_suffix_at(snapshot.text, snapshot.offset)
         facts = None
-        if info is not None and ctx.skip_reason != "cursor inside a word":
+        if info is not None and not inside_word(after):
             # The tree may overrule the text-only decision (a hole right of the cursor, a comment).
-            facts = await self.syntax.analyze(snapshot.uri, info.name, snapshot.text, snapshot.offset, ctx.code_on_right)
-            ctx = build_context(snapshot, settings, facts)
+            facts = await self.syntax.analyze(snapshot.uri, info.name, snapshot.text, snapshot.offset, has_code(after))
+        ctx = build_context(snapshot, settings, facts)
         if ctx.skip_reason:
             return ctx.skip_reason
         request = GenerationRequest(

@@ -52,7 +52,20 @@ class CompletionContext:
 
     @property
     def code_on_right(self) -> bool:
-        return any(ch not in _CLOSERS for ch in self.line_suffix)
+        return has_code(self.line_suffix)
+
+
+def has_code(line_suffix: str) -> bool:
+    """Something other than closing brackets, quotes and separators stands right of the cursor."""
+    return any(ch not in _CLOSERS for ch in line_suffix)
+
+
+def line_suffix_at(text: str, offset: int) -> str:
+    return text[offset : _line_bounds(text, offset)[1]]
+
+
+def inside_word(line_suffix: str) -> bool:
+    return line_suffix[:1].isalnum() or line_suffix[:1] == "_"
 
 
 def _line_bounds(text: str, offset: int) -> tuple[int, int]:
@@ -122,7 +135,7 @@ def build_context(snap: Snapshot, settings: CompletionSettings, facts: SyntaxFac
     if facts is not None and facts.headers:
         ctx.header = "\n".join(facts.headers) + "\n"
         ctx.header_at = facts.header_offset - prefix_start
-    if after[:1].isalnum() or after[:1] == "_":
+    if inside_word(after):
         ctx.skip_reason = "cursor inside a word"
         return ctx
     if facts is not None and facts.in_comment and before[-1:].isalnum():
