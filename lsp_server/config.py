@@ -7,6 +7,7 @@ keep the previous value and produce one warning each.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -37,10 +38,10 @@ class ModelSettings:
 class CompletionSettings:
     enabled: bool = True
     """Offer inline completions."""
-    max_prompt_tokens: int = 320
+    max_prompt_tokens: int = 416
     """Budget in model tokens for the whole prompt; the text before the cursor gets what the other parts
     leave. Prompt size is what a cold request costs on a CPU (2 cores: ~100-160 tokens/s for 0.5B)."""
-    max_prefix_tokens: int = 320
+    max_prefix_tokens: int = 416
     """Budget in model tokens for the text before the cursor."""
     max_suffix_tokens: int = 64
     """Budget in model tokens for the text after the cursor."""
@@ -166,3 +167,28 @@ def field_docs(cls: type) -> dict[str, str]:
             if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
                 docs[node.target.id] = str(following.value.value)
     return docs
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table (name as clients send it, default, meaning): the README's copy
+    is checked against this by the tests."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    defaults = Settings()
+    for section in dataclasses.fields(Settings):
+        value = getattr(defaults, section.name)
+        docs = field_docs(type(value))
+        for f in dataclasses.fields(value):
+            name = f"{_camel(section.name)}.{_camel(f.name)}"
+            default = json.dumps(getattr(value, f.name))
+            meaning = " ".join(docs.get(f.name, "").split()).replace("|", "\\|")
+            rows.append(f"| `{name}` | `{default}` | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+if __name__ == "__main__":  # `python -m lsp_server.config` prints the README's settings table
+    print(settings_table(), end="")

@@ -43,7 +43,10 @@ def clean(text: str, ctx: CompletionContext, surrounding: str = "") -> str:
 
 
 def match_indentation(text: str, unit: str) -> str:
-    """Re-indent lines after the first with the document's step (tabs vs spaces)."""
+    """Re-indent lines after the first with the document's step (tabs vs spaces); unit "" (a document
+    mixing both) leaves the model's indentation alone."""
+    if not unit:
+        return text
     lines = text.split("\n")
     leads = [ln[: len(ln) - len(ln.lstrip(" \t"))] for ln in lines[1:] if ln.strip()]
     widths = [len(lead) for lead in leads if lead and "\t" not in lead]

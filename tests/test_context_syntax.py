@@ -102,6 +102,8 @@ def test_indent_unit():
     assert indent_unit("func f() {\n\tx := 1\n\tif x {\n\t\ty()\n\t}\n}\n") == "\t"
     assert indent_unit("def f():\n  if x:\n    y()\n") == "  "
     assert indent_unit("x = 1\n") == "    "
+    gnu = "int f(void)\n{\n  if (x)\n    {\n      y();\n\tz();\n\t  w();\n    }\n}\n"
+    assert indent_unit(gnu) == ""
 
 
 def test_pinned_header_returns_when_the_window_drops_it():

@@ -1,6 +1,7 @@
 """Templates, family detection, token budgets, the generation text rules and post-processing."""
 
 import pytest
+from pathlib import Path
 
 from lsp_server import prompts
 from lsp_server.config import CompletionSettings, Settings, field_docs, merge
@@ -155,3 +156,10 @@ def test_every_setting_has_a_docstring():
     for cls in (config.ModelSettings, config.CompletionSettings, config.WorkerSettings, config.Settings):
         docs = field_docs(cls)
         assert {f.name for f in dataclasses.fields(cls)} == set(docs), cls.__name__
+
+
+def test_readme_settings_table_is_current():
+    from lsp_server.config import settings_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert settings_table() in readme, "README settings table is stale: paste `python -m lsp_server.config`"

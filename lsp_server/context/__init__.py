@@ -90,7 +90,8 @@ def document_eol(text: str) -> str:
 def indent_unit(text: str, sample_lines: int = 2000, default: str = "    ") -> str:
     """The document's indentation step: a tab when most indented lines start with one, else the most
     common increase in leading spaces between consecutive lines (the language's default when nothing
-    says otherwise)."""
+    says otherwise). "" for a document that mixes both on purpose (GNU style: two-space steps, eight
+    columns written as a tab), whose suggestions keep the model's own indentation."""
     tabs = spaces = 0
     steps: dict[int, int] = {}
     previous = 0
@@ -106,6 +107,8 @@ def indent_unit(text: str, sample_lines: int = 2000, default: str = "    ") -> s
         if width > previous:
             steps[width - previous] = steps.get(width - previous, 0) + 1
         previous = width
+    if tabs and spaces and min(tabs, spaces) * 4 >= tabs + spaces:
+        return ""
     if tabs > spaces or (not tabs and not spaces and "\n\t" in text):
         return "\t"
     if not steps:
