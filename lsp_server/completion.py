@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol
 
 from . import languages, postprocess, prompts
+from .cache import CompletionCache, cache_key, default_directory
 from .config import Settings
 from .context import CompletionContext, Snapshot, build_context, has_code, inside_word, line_suffix_at
 from .context.crossfile import CrossFileContext, RecentEdits
@@ -41,6 +43,32 @@ class Completion:
     """"ok", or why there is no suggestion (loading, superseded, cursor inside a word, ...)."""
     timings_ms: dict[str, float] = field(default_factory=dict)
     result: GenerationResult | None = None
+    cache: str = "miss"
+    """"miss", "memory", "disk" or "type-through" (the user typed the start of the shown suggestion)."""
+
+
+@dataclass
+class Shown:
+    """The last suggestion answered for a document, for type-through."""
+
+    uri: str
+    text: str
+    offset: int
+    suggestion: str
+
+    def rest_after_typing(self, snapshot: Snapshot) -> str:
+        """What is left of the suggestion when `snapshot` is this one plus typed characters that start it."""
+        typed_len = snapshot.offset - self.offset
+        if snapshot.uri != self.uri or not 0 < typed_len < len(self.suggestion):
+            return ""
+        if len(snapshot.text) != len(self.text) + typed_len:
+            return ""
+        typed = snapshot.text[self.offset : snapshot.offset]
+        if not self.suggestion.startswith(typed):
+            return ""
+        if snapshot.text[: self.offset] != self.text[: self.offset] or snapshot.text[snapshot.offset :] != self.text[self.offset :]:
+            return ""
+        return self.suggestion[typed_len:]
 
 
 @dataclass
@@ -79,6 +107,31 @@ class CompletionService:
         self._waiting: _Request | None = None
         self._running: _Request | None = None
         self._template_cache: tuple[str, prompts.FimTemplate | None] | None = None
+        self._cache: CompletionCache | None = None
+        self._shown: dict[str, Shown] = {}
+        self._type_through_hits = 0
+
+    @property
+    def cache(self) -> CompletionCache | None:
+        """Made on first use, from the settings as the client configured them."""
+        c = self.settings.cache
+        if not c.enabled:
+            return None
+        if self._cache is None:
+            directory = (Path(c.directory).expanduser() if c.directory else default_directory()) if c.disk else None
+            self._cache = CompletionCache(memory_entries=c.memory_entries, directory=directory, disk_limit_mb=c.disk_limit_mb)
+        return self._cache
+
+    def cache_report(self) -> dict:
+        c = self._cache
+        if c is None:
+            return {"enabled": self.settings.cache.enabled, "typeThrough": self._type_through_hits}
+        return {"enabled": True, "memoryHits": c.stats.memory_hits, "diskHits": c.stats.disk_hits, "misses": c.stats.misses,
+                "typeThrough": self._type_through_hits, "disk": str(c.directory) if c.directory and not c.disk_error else None}
+
+    def forget(self, uri: str) -> None:
+        """The document was closed."""
+        self._shown.pop(uri, None)
 
     # ---- template ------------------------------------------------------------------------------------
     def template(self) -> prompts.FimTemplate | None:
@@ -138,17 +191,30 @@ class CompletionService:
         t0 = time.perf_counter()
         self._latest += 1
         mine = self._latest
+        shown = self._shown.get(snapshot.uri)
+        if shown is not None and self.cache is not None:
+            rest = shown.rest_after_typing(snapshot)
+            if rest:
+                self._shown[snapshot.uri] = Shown(snapshot.uri, snapshot.text, snapshot.offset, rest)
+                self._type_through_hits += 1
+                total_ms = (time.perf_counter() - t0) * 1000.0
+                log.info("completion ok reason=ok cache=type-through total=%.1fms chars=%d", total_ms, len(rest))
+                return Completion(rest, "ok", {"total": total_ms}, cache="type-through")
         prepared = await self.prepare(snapshot)
         if isinstance(prepared, str):
             log.debug("no completion: %s", prepared)
             return Completion("", prepared)
         if mine != self._latest:
             return Completion("", "superseded by a newer request")
-        ctx, facts, request, template = prepared.ctx, prepared.facts, prepared.request, prepared.template
         context_ms = (time.perf_counter() - t0) * 1000.0
+        key = self._cache_key(prepared.request, prepared.template)
+        cached = self.cache.get(key) if self.cache is not None and key else None
+        if cached is not None and self.cache is not None:
+            result = GenerationResult(text=cached["text"], finish=str(cached.get("finish", "stop")))
+            return await self._finish(snapshot, prepared, result, t0, context_ms, self.cache.last_layer)
 
         loop = asyncio.get_running_loop()
-        req = _Request(mine, snapshot, request, loop.create_future())
+        req = _Request(mine, snapshot, prepared.request, loop.create_future())
         self._supersede_all()
         self._waiting = req
         self._pump()
@@ -160,9 +226,28 @@ class CompletionService:
         total_ms = (time.perf_counter() - t0) * 1000.0
         if result is None:
             return Completion("", "superseded by a newer request", {"total": total_ms})
-        timings = {"context": context_ms, "prefill": result.prefill_ms, "decode": result.decode_ms}
         if result.finish in ("crashed", "not_ready", "error", "cancelled"):
-            return Completion("", f"generation {result.finish} {result.error}".strip(), {**timings, "total": total_ms}, result)
+            timings = {"context": context_ms, "prefill": result.prefill_ms, "decode": result.decode_ms, "total": total_ms}
+            return Completion("", f"generation {result.finish} {result.error}".strip(), timings, result)
+        if self.cache is not None and key and result.finish != "timeout":
+            self.cache.put(key, {"text": result.text, "finish": result.finish})
+        return await self._finish(snapshot, prepared, result, t0, context_ms, "miss")
+
+    def _cache_key(self, request: GenerationRequest, template: prompts.FimTemplate) -> str:
+        fingerprint = self.engine.info.get("fingerprint")
+        if not fingerprint or request.temperature > 0:  # sampled answers are not a function of the prompt
+            return ""
+        params = asdict(request)
+        params.pop("timeout_s", None)
+        return cache_key({"model": fingerprint, "template": template.source, "template_text": template.template,
+                          "request": params})
+
+    async def _finish(
+        self, snapshot: Snapshot, prepared: Prepared, result: GenerationResult, t0: float, context_ms: float, cache: str
+    ) -> Completion:
+        """Post-process the model's text against the document as it is now, log, remember for type-through."""
+        ctx, facts, template = prepared.ctx, prepared.facts, prepared.template
+        timings = {"context": context_ms, "prefill": result.prefill_ms, "decode": result.decode_ms}
         t1 = time.perf_counter()
         log.debug("model text (%s): %r", result.finish, result.text)  # content only at DEBUG
         surrounding = snapshot.text[max(0, snapshot.offset - 2000) : snapshot.offset + 2000]
@@ -176,9 +261,10 @@ class CompletionService:
         timings["total"] = (time.perf_counter() - t0) * 1000.0
         reason = "ok" if text else ("syntax check" if cleaned else "post-processing")
         log.info(
-            "completion %s reason=%s lang=%s mode=%s tokens=%d/%d reused=%d finish=%s context=%.1fms prefill=%.0fms decode=%.0fms post=%.1fms total=%.0fms template=%s chars=%d",
+            "completion %s reason=%s cache=%s lang=%s mode=%s tokens=%d/%d reused=%d finish=%s context=%.1fms prefill=%.0fms decode=%.0fms post=%.1fms total=%.0fms template=%s chars=%d",
             "ok" if text else "empty",
             reason.replace(" ", "-"),
+            cache,
             ctx.language,
             "line" if ctx.single_line else "block",
             result.prompt_tokens,
@@ -193,7 +279,9 @@ class CompletionService:
             template.source,
             len(text),
         )
-        return Completion(text, reason if text else f"nothing usable after {reason}", timings, result)
+        if text:
+            self._shown[snapshot.uri] = Shown(snapshot.uri, snapshot.text, snapshot.offset, text)
+        return Completion(text, reason if text else f"nothing usable after {reason}", timings, result, cache)
 
     def _prompt_parts(self, snapshot: Snapshot, ctx, facts) -> prompts.PromptParts:
         settings = self.settings.completion

@@ -24,12 +24,14 @@ class ModelSettings:
     """Name of an installed model (see `offpilot models list`); used when `path` is empty."""
     family: str = "auto"
     """FIM prompt family (qwen2.5-coder, deepseek-coder, starcoder2, codellama, codestral, codegemma) or auto."""
-    n_ctx: int = 4096
-    """Context length of the model in tokens."""
+    n_ctx: int = 0
+    """Context length of the model in tokens; 0: the hardware plan's choice (4096 on a CPU, up to 16384 on a GPU)."""
     n_threads: int = 0
     """CPU threads for generation; 0 means as many as the OS reports CPUs (os.cpu_count())."""
-    n_gpu_layers: int = 0
-    """Layers offloaded to the GPU (-1: all); needs a GPU build of llama-cpp-python."""
+    n_gpu_layers: int = -1
+    """Layers offloaded to the GPU: -1 as many as fit in free VRAM (the hardware plan), 0 none; needs a GPU build of llama-cpp-python."""
+    vram_budget_mb: int = 0
+    """Most VRAM the plan may use (MiB), headroom included; 0: the GPU's free memory."""
     prefill_chunk_tokens: int = 128
     """Prompt tokens evaluated between two cancellation checks."""
 
@@ -74,6 +76,20 @@ class WorkerSettings:
 
 
 @dataclass
+class CacheSettings:
+    enabled: bool = True
+    """Reuse the model's answer for a prompt seen before, and serve the rest of a shown suggestion while it is typed."""
+    memory_entries: int = 512
+    """Answers kept in memory (least recently used go first)."""
+    disk: bool = True
+    """Keep answers on disk too, so they survive a restart (JSON text in a private folder)."""
+    disk_limit_mb: int = 64
+    """Size limit of the disk cache in MiB."""
+    directory: str = ""
+    """Folder of the disk cache; empty: $OFFPILOT_CACHE_DIR, else $XDG_CACHE_HOME/offpilot/completions."""
+
+
+@dataclass
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     """The GGUF model and how it runs."""
@@ -81,6 +97,8 @@ class Settings:
     """Inline completion."""
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     """The model worker process."""
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    """The response cache."""
 
 
 def _snake(name: str) -> str:

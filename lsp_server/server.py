@@ -51,6 +51,7 @@ class OffpilotServer(LanguageServer):
         self.store.close(uri)
         self.completions.recent_edits.forget(uri)
         self.completions.syntax.forget(uri)
+        self.completions.forget(uri)
 
     @property
     def position_encoding(self) -> str:
@@ -69,15 +70,7 @@ class OffpilotServer(LanguageServer):
     # ---- the model worker -------------------------------------------------------------------------------
     def _worker_config(self) -> WorkerConfig | None:
         m = self.settings.model
-        config = WorkerConfig(
-            n_ctx=m.n_ctx,
-            n_threads=m.n_threads,
-            n_gpu_layers=m.n_gpu_layers,
-            prefill_chunk_tokens=m.prefill_chunk_tokens,
-            probe_tokens=prompts.probe_tokens(prompts.load_templates().values()),
-            restart_backoff_initial_s=self.settings.worker.restart_backoff_initial_s,
-            restart_backoff_max_s=self.settings.worker.restart_backoff_max_s,
-        )
+        config = WorkerConfig.from_settings(self.settings, prompts.probe_tokens(prompts.load_templates().values()))
         if self._engine_overrides.get("backend") == "fake":
             config.backend = "fake"
             config.fake = dict(self._engine_overrides.get("fake") or {})
@@ -137,6 +130,8 @@ class OffpilotServer(LanguageServer):
             "generationsStarted": self.engine.generations_started,
             "positionEncoding": self.position_encoding,
             "openDocuments": len(self.store),
+            "plan": self.engine.info.get("plan"),
+            "cache": self.completions.cache_report(),
         }
 
     def report_server_error(self, error: Exception, source) -> None:

@@ -28,3 +28,12 @@ def default_model() -> Path:
         if os.environ.get("OFFPILOT_REQUIRE_REAL_MODEL") == "1":
             pytest.fail(f"the real model is required here: {exc}")
         pytest.skip(f"real model not installed: {exc}")
+
+
+@pytest.fixture(autouse=True)
+def private_cache_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Each test (and each server it starts) gets its own response cache folder: no test sees another's
+    answers, and none touches the user's cache."""
+    folder = tmp_path_factory.mktemp("cache") / "completions"
+    monkeypatch.setenv("OFFPILOT_CACHE_DIR", str(folder))
+    return folder

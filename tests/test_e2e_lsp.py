@@ -212,3 +212,31 @@ async def test_missing_model_file_one_message_and_empty_answers(tmp_path):
         assert len(shown) == 1 and "missing.gguf" in shown[0]["params"]["message"]
     finally:
         await client.close()
+
+
+async def test_a_restarted_server_answers_from_the_disk_cache_and_survives_a_corrupted_one(tmp_path, private_cache_dir):
+    record = tmp_path / "requests.jsonl"
+    fake = {"outputs": ["a + b"], "record_path": str(record)}
+    uri = "file:///cached.py"
+    text = "def add(a, b):\n    return \n"
+
+    async def session() -> tuple[dict, dict]:
+        client = await raw(fake)
+        try:
+            client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": text}})
+            reply = await client.request("textDocument/inlineCompletion", inline_params(uri, 1, 11), timeout_s=10)
+            status = (await client.request("offpilot/status", {}))["result"]
+        finally:
+            assert await client.close() == 0
+        return reply, status
+
+    first, status = await session()
+    assert [i["insertText"] for i in first["result"]["items"]] == ["a + b"] and status["cache"]["misses"] == 1
+    second, status = await session()
+    assert second["result"] == first["result"] and status["cache"]["diskHits"] == 1
+    assert len(record.read_text().splitlines()) == 1  # the model ran once over both sessions
+
+    (private_cache_dir / "cache.db").write_bytes(b"garbage" * 1000)
+    third, status = await session()
+    assert third["result"] == first["result"] and status["cache"]["misses"] == 1
+    assert len(record.read_text().splitlines()) == 2

@@ -9,14 +9,19 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import logging
 import os
 import re
 import time
 from typing import Callable
 
+from ..cache import model_fingerprint
+from ..hardware import plan_for_file
 from ..prompts import build_prompt_tokens
 from .generation import TextAccumulator
 from .protocol import GenerationRequest, GenerationResult
+
+log = logging.getLogger("offpilot.worker")
 
 ShouldStop = Callable[[], str | None]
 """Returns a finish reason ("cancelled", ...) when generation must stop, else None."""
@@ -31,16 +36,18 @@ class LlamaBackend:
         from llama_cpp import Llama, llama_cpp  # imported here: the server process never loads llama.cpp
 
         self._llama_cpp = llama_cpp
-        n_threads = int(config.get("n_threads") or 0) or max(1, (os.cpu_count() or 2))
         self.chunk = max(8, int(config.get("prefill_chunk_tokens", 128)))
+        self.model_path = config["model_path"]
+        self.plan, _, _ = plan_for_file(
+            config["model_path"], n_ctx=int(config.get("n_ctx") or 0), n_gpu_layers=int(config.get("n_gpu_layers", -1)),
+            vram_budget_mb=int(config.get("vram_budget_mb") or 0), n_threads=int(config.get("n_threads") or 0),
+        )
+        log.info("plan: %s (%s)", self.plan.summary(), "; ".join(self.plan.reasons))
         self.llm = Llama(
             model_path=config["model_path"],
-            n_ctx=int(config.get("n_ctx", 4096)),
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            n_gpu_layers=int(config.get("n_gpu_layers", 0)),
             n_batch=max(self.chunk, 512),
             verbose=bool(config.get("verbose", False)),
+            **self.plan.llama_kwargs(),
         )
         self.vocab = self.llm._model.vocab
 
@@ -57,7 +64,9 @@ class LlamaBackend:
             "name": meta.get("general.name", ""),
             "special_tokens": present,
             "n_ctx": self.llm.n_ctx(),
+            "plan": self.plan.to_dict(),
             "n_vocab": self.llm.n_vocab(),
+            "fingerprint": model_fingerprint(self.model_path),
         }
 
     def _tokenize_text(self, text: str) -> list[int]:
@@ -174,7 +183,9 @@ class FakeBackend:
 
     def info(self, probe_tokens: list[str]) -> dict:
         fim = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_sep|>", "<|repo_name|>", "<|endoftext|>"]
-        return {"architecture": "fake", "name": "fake", "special_tokens": [t for t in probe_tokens if t in fim], "n_ctx": 4096, "n_vocab": 0}
+        scripted = hashlib.sha256(json.dumps(self.outputs).encode()).hexdigest()[:16]
+        return {"architecture": "fake", "name": "fake", "special_tokens": [t for t in probe_tokens if t in fim], "n_ctx": 4096,
+                "n_vocab": 0, "fingerprint": f"fake:{scripted}"}
 
     def generate(self, req: GenerationRequest, should_stop: ShouldStop) -> GenerationResult:
         started = time.perf_counter()

@@ -16,9 +16,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .protocol import GenerationRequest, GenerationResult, read_frame, write_frame
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +32,25 @@ STOPPED, LOADING, READY, FAILED, BACKOFF = "stopped", "loading", "ready", "faile
 class WorkerConfig:
     backend: str = "llama"
     model_path: str = ""
-    n_ctx: int = 4096
+    n_ctx: int = 0
     n_threads: int = 0
-    n_gpu_layers: int = 0
+    n_gpu_layers: int = -1
+    vram_budget_mb: int = 0
     prefill_chunk_tokens: int = 128
     probe_tokens: list[str] = field(default_factory=list)
     fake: dict = field(default_factory=dict)
     restart_backoff_initial_s: float = 1.0
     restart_backoff_max_s: float = 60.0
+
+    @staticmethod
+    def from_settings(settings: "Settings", probe_tokens: list[str], model_path: str = "") -> "WorkerConfig":
+        m = settings.model
+        return WorkerConfig(
+            model_path=model_path, n_ctx=m.n_ctx, n_threads=m.n_threads, n_gpu_layers=m.n_gpu_layers,
+            vram_budget_mb=m.vram_budget_mb, prefill_chunk_tokens=m.prefill_chunk_tokens, probe_tokens=probe_tokens,
+            restart_backoff_initial_s=settings.worker.restart_backoff_initial_s,
+            restart_backoff_max_s=settings.worker.restart_backoff_max_s,
+        )
 
 
 @dataclass
@@ -100,6 +114,7 @@ class WorkerClient:
             "n_ctx": self.config.n_ctx,
             "n_threads": self.config.n_threads,
             "n_gpu_layers": self.config.n_gpu_layers,
+            "vram_budget_mb": self.config.vram_budget_mb,
             "prefill_chunk_tokens": self.config.prefill_chunk_tokens,
             "probe_tokens": self.config.probe_tokens,
             "fake": self.config.fake,
