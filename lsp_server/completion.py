@@ -110,6 +110,10 @@ class CompletionService:
         self._cache: CompletionCache | None = None
         self._shown: dict[str, Shown] = {}
         self._type_through_hits = 0
+        self._keystroke_intervals_s: list[float] = []
+        self._last_request_at = 0.0
+        self._model_latency_s: float | None = None
+        """Moving average of recent generations' prefill + decode time."""
 
     @property
     def cache(self) -> CompletionCache | None:
@@ -184,6 +188,7 @@ class CompletionService:
             min_indent=ctx.indent,
             temperature=settings.temperature,
             timeout_s=settings.generation_timeout_s,
+            decode_budget_s=0.0 if ctx.single_line else settings.multi_line_budget_ms / 1000.0,
         )
         return Prepared(ctx, facts, request, template)
 
@@ -191,6 +196,7 @@ class CompletionService:
         t0 = time.perf_counter()
         self._latest += 1
         mine = self._latest
+        self._note_keystroke(t0)
         shown = self._shown.get(snapshot.uri)
         if shown is not None and self.cache is not None:
             rest = shown.rest_after_typing(snapshot)
@@ -213,6 +219,11 @@ class CompletionService:
             result = GenerationResult(text=cached["text"], finish=str(cached.get("finish", "stop")))
             return await self._finish(snapshot, prepared, result, t0, context_ms, self.cache.last_layer)
 
+        delay_s = self.debounce_s()
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+            if mine != self._latest:
+                return Completion("", "superseded by a newer request", {"total": (time.perf_counter() - t0) * 1000.0})
         loop = asyncio.get_running_loop()
         req = _Request(mine, snapshot, prepared.request, loop.create_future())
         self._supersede_all()
@@ -231,7 +242,30 @@ class CompletionService:
             return Completion("", f"generation {result.finish} {result.error}".strip(), timings, result)
         if self.cache is not None and key and result.finish != "timeout":
             self.cache.put(key, {"text": result.text, "finish": result.finish})
+        spent_s = (result.prefill_ms + result.decode_ms) / 1000.0
+        self._model_latency_s = spent_s if self._model_latency_s is None else 0.7 * self._model_latency_s + 0.3 * spent_s
         return await self._finish(snapshot, prepared, result, t0, context_ms, "miss")
+
+    def _note_keystroke(self, now: float) -> None:
+        gap = now - self._last_request_at
+        self._last_request_at = now
+        if 0 < gap < 1.0:  # longer gaps are pauses, not the typing rhythm
+            self._keystroke_intervals_s = (self._keystroke_intervals_s + [gap])[-9:]
+
+    def debounce_s(self) -> float:
+        """How long to wait before starting the model. Adaptive: when the model needs longer than the typist's
+        usual gap between keys, a generation started at once would almost always be cancelled by the next
+        key after it had already spent a prefill chunk (up to ~1 s of a 2-core CPU, which the request after
+        the pause then waits for); so wait a little over one usual gap and start only when typing pauses."""
+        fixed = self.settings.completion.debounce_ms
+        if fixed >= 0:
+            return fixed / 1000.0
+        if len(self._keystroke_intervals_s) < 3 or self._model_latency_s is None:
+            return 0.0
+        gap = sorted(self._keystroke_intervals_s)[len(self._keystroke_intervals_s) // 2]
+        if self._model_latency_s < gap:
+            return 0.0  # answers arrive before the next key anyway
+        return min(0.3, 1.3 * gap)
 
     def _cache_key(self, request: GenerationRequest, template: prompts.FimTemplate) -> str:
         fingerprint = self.engine.info.get("fingerprint")
@@ -294,7 +328,8 @@ class CompletionService:
             snippets += [(s.path, s.text) for s in self.recent_edits.snippets(open_texts, snapshot.uri, self.crossfile.relative)]
             snippets = snippets[: settings.max_snippets]
         return prompts.PromptParts(
-            prefix=prompts.PromptValue(ctx.prefix, settings.max_prefix_tokens, "end", ctx.header, ctx.header_at),
+            prefix=prompts.PromptValue(ctx.prefix, settings.max_prefix_tokens, "end", ctx.header, ctx.header_at,
+                                       ctx.prefix_first_line, settings.prefix_anchor_lines),
             suffix=prompts.PromptValue(ctx.suffix, settings.max_suffix_tokens, "start"),
             path=self.crossfile.relative(snapshot.uri),
             repo_name=self.crossfile.roots[0].name if self.crossfile.roots else "",

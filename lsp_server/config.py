@@ -34,6 +34,9 @@ class ModelSettings:
     """Most VRAM the plan may use (MiB), headroom included; 0: the GPU's free memory."""
     prefill_chunk_tokens: int = 128
     """Prompt tokens evaluated between two cancellation checks."""
+    reuse_kv_cache: bool = True
+    """Keep the model's KV cache between requests and evaluate only the prompt tokens after the longest common
+    prefix (off: every request evaluates its whole prompt; for measuring)."""
 
 
 @dataclass
@@ -45,6 +48,9 @@ class CompletionSettings:
     leave. Prompt size is what a cold request costs on a CPU (2 cores: ~100-160 tokens/s for 0.5B)."""
     max_prefix_tokens: int = 416
     """Budget in model tokens for the text before the cursor."""
+    prefix_anchor_lines: int = 8
+    """The text before the cursor starts at a document line that is a multiple of this, so the window stays
+    put while typing and the model's KV cache is reused; 0 cuts as near the budget as possible."""
     max_suffix_tokens: int = 64
     """Budget in model tokens for the text after the cursor."""
     max_snippet_tokens: int = 96
@@ -61,6 +67,13 @@ class CompletionSettings:
     """Most lines in one multi-line suggestion."""
     temperature: float = 0.0
     """Sampling temperature; 0 is greedy (deterministic, cache friendly)."""
+    multi_line_budget_ms: int = 0
+    """A multi-line suggestion still generating after this much decoding ends at its next line end (0: no
+    limit). Off by default until its cost in quality (scripts/eval_fim.py) is measured."""
+    debounce_ms: int = -1
+    """Wait this long after a keystroke before starting the model (a newer keystroke meanwhile starts nothing):
+    -1 adapts to the typing rhythm and the model's speed (none when answers come faster than keystrokes),
+    0 never waits."""
     generation_timeout_s: float = 30.0
     """A generation that takes longer is stopped and answered with what it has."""
 

@@ -53,15 +53,19 @@ class Segment:
     """Lines (the enclosing scopes' first lines) kept in front of the window whenever the cut drops them."""
     pinned_at: int = -1
     """Where `pinned` starts in `text` (-1: before it), so the worker knows whether the cut dropped it."""
+    first_line: int = -1
+    """Document line number of the text's first line (-1: unknown), for anchored cuts."""
+    anchor_lines: int = 0
+    """Cut from the start only at document lines that are multiples of this (0: anywhere)."""
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("text", "special", "budget_tokens", "keep", "pinned", "pinned_at")}
+        return {k: getattr(self, k) for k in ("text", "special", "budget_tokens", "keep", "pinned", "pinned_at", "first_line", "anchor_lines")}
 
     @staticmethod
     def from_dict(d: dict) -> "Segment":
         return Segment(
             str(d["text"]), bool(d.get("special")), d.get("budget_tokens"), str(d.get("keep", "end")),
-            str(d.get("pinned", "")), int(d.get("pinned_at", -1)),
+            str(d.get("pinned", "")), int(d.get("pinned_at", -1)), int(d.get("first_line", -1)), int(d.get("anchor_lines", 0)),
         )
 
 
@@ -72,6 +76,8 @@ class PromptValue:
     keep: str = "end"
     pinned: str = ""
     pinned_at: int = -1
+    first_line: int = -1
+    anchor_lines: int = 0
 
 
 @lru_cache(maxsize=None)
@@ -139,7 +145,8 @@ def render(template: FimTemplate, values: dict, layout: str | None = None) -> li
             if isinstance(value, list):  # already rendered segments (the other files' snippets)
                 segments.extend(value)
             else:
-                segments.append(Segment(value.text, False, value.budget_tokens, value.keep, value.pinned, value.pinned_at))
+                segments.append(Segment(value.text, False, value.budget_tokens, value.keep, value.pinned, value.pinned_at,
+                                        value.first_line, value.anchor_lines))
         pos = match.end()
     tail = layout[pos:]
     if tail:
@@ -184,7 +191,7 @@ def assemble(template: FimTemplate, parts: PromptParts) -> list[Segment]:
         return render(template, values, template.repo_template)
     p = parts.prefix
     prefix = [Segment(_as_comment(path, text, parts.comment), budget_tokens=per_snippet, keep="start") for path, text in snippets]
-    prefix.append(Segment(p.text, False, p.budget_tokens, p.keep, p.pinned, p.pinned_at))
+    prefix.append(Segment(p.text, False, p.budget_tokens, p.keep, p.pinned, p.pinned_at, p.first_line, p.anchor_lines))
     return render(template, {"prefix": prefix, "suffix": parts.suffix})
 
 
@@ -205,11 +212,16 @@ def _lines_keepends(text: str) -> list[str]:
     return out
 
 
-def fit_to_budget(text: str, budget_tokens: int | None, keep: str, tokenize: Tokenize) -> tuple[int, list[int]]:
+def fit_to_budget(
+    text: str, budget_tokens: int | None, keep: str, tokenize: Tokenize, *, first_line: int = -1, anchor_lines: int = 0
+) -> tuple[int, list[int]]:
     """Cut `text` at line boundaries to at most `budget_tokens` tokens; returns (characters kept, tokens).
 
     Keeps the end (keep="end") or the start (keep="start"). A single line longer than the budget is cut
-    by tokens.
+    by tokens. With `anchor_lines` and the document line number of the text's first line (`first_line`),
+    a cut from the start lands on a document line that is a multiple of `anchor_lines`: the window then
+    keeps its first line while the user types, so the model's KV cache for it is reused (a cut as close
+    to the budget as possible would move with nearly every keystroke).
     """
     tokens = tokenize(text)
     if budget_tokens is None or len(tokens) <= budget_tokens:
@@ -241,6 +253,13 @@ def fit_to_budget(text: str, budget_tokens: int | None, keep: str, tokenize: Tok
         kept.pop(0 if keep == "end" else -1)
         result = "".join(kept)
         tokens = tokenize(result)
+    if keep == "end" and anchor_lines > 0 and first_line >= 0 and len(kept) > 1:
+        start = first_line + len(lines) - len(kept)
+        extra = -start % anchor_lines
+        if 0 < extra < len(kept):
+            kept = kept[extra:]
+            result = "".join(kept)
+            tokens = tokenize(result)
     return len(result), tokens
 
 
@@ -289,12 +308,13 @@ def _prefix_of(segments: list[Segment]) -> Segment | None:
 def _segment_tokens(seg: Segment, budget: int | None, tokenize_text: Tokenize, tokenize_special: Tokenize) -> list[int]:
     if seg.special:
         return tokenize_special(seg.text)
-    kept, toks = fit_to_budget(seg.text, budget, seg.keep, tokenize_text)
+    anchor = {"first_line": seg.first_line, "anchor_lines": seg.anchor_lines}
+    kept, toks = fit_to_budget(seg.text, budget, seg.keep, tokenize_text, **anchor)
     if seg.pinned and seg.keep == "end" and len(seg.text) - kept > seg.pinned_at:
         # The window no longer reaches the enclosing scopes' first lines: put them in front.
         pinned = tokenize_text(seg.pinned)
         room = (budget or 0) - len(pinned)
         if room > 0:
-            _, toks = fit_to_budget(seg.text, room, seg.keep, tokenize_text)
+            _, toks = fit_to_budget(seg.text, room, seg.keep, tokenize_text, **anchor)
             toks = pinned + toks
     return toks

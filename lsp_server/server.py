@@ -128,6 +128,7 @@ class OffpilotServer(LanguageServer):
             "family": template.family if template else None,
             "workerPid": self.engine.pid,
             "generationsStarted": self.engine.generations_started,
+            "maxGenerationsInFlight": self.engine.max_in_flight,
             "positionEncoding": self.position_encoding,
             "openDocuments": len(self.store),
             "plan": self.engine.info.get("plan"),

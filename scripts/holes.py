@@ -499,8 +499,9 @@ def pick_holes(
 
 
 class LspClient:
-    def __init__(self, cmd: list[str], stderr, cwd: str) -> None:
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd)
+    def __init__(self, cmd: list[str], stderr, cwd: str, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, cwd=cwd, env=env)
+        self._forgotten: set[int] = set()
         self._lock = threading.Lock()
         self._next_id = 1
         self._events: dict[int, threading.Event] = {}
@@ -549,6 +550,9 @@ class LspClient:
                 log(f"server says: {msg.get('params', {}).get('message')}")
         elif "id" in msg:
             with self._lock:
+                if msg["id"] in self._forgotten:
+                    self._forgotten.discard(msg["id"])
+                    return
                 self._replies[msg["id"]] = (msg, arrived)
                 ev = self._events.get(msg["id"])
             if ev is not None:
@@ -596,6 +600,33 @@ class LspClient:
                 self.notify("$/cancelRequest", {"id": msg_id})
             return None, time.perf_counter() - sent
         return reply[0], reply[1] - sent
+
+    def request_nowait(self, method: str, params) -> tuple[int, float]:
+        """Send a request without waiting: (its id, the time just before sending); see peek_reply."""
+        with self._lock:
+            msg_id = self._next_id
+            self._next_id += 1
+        body = json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params}).encode("utf-8")
+        data = b"Content-Length: %d\r\n\r\n" % len(body) + body
+        with self._lock:
+            assert self.proc.stdin is not None
+            sent = time.perf_counter()
+            try:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                pass
+        return msg_id, sent
+
+    def peek_reply(self, msg_id: int) -> tuple[dict, float] | None:
+        """(reply, arrival time) once the reply to a request_nowait request is in, else None."""
+        with self._lock:
+            return self._replies.get(msg_id)
+
+    def forget_reply(self, msg_id: int) -> None:
+        with self._lock:
+            if self._replies.pop(msg_id, None) is None:
+                self._forgotten.add(msg_id)
 
     def close(self) -> None:
         try:

@@ -131,3 +131,34 @@ async def test_family_from_settings_overrides_detection():
     assert "<fim_prefix>" in "".join(s.text for s in engine.jobs[0].request.segments if s.special)
     engine.finish(0, "1")
     assert (await task).text == "1"
+
+
+def test_adaptive_debounce_follows_the_typing_rhythm_and_the_model_speed():
+    service = CompletionService(ManualEngine(), Settings())
+    assert service.debounce_s() == 0.0  # nothing known yet
+    for i in range(5):
+        service._note_keystroke(10.0 + 0.12 * i)  # typing every 120 ms
+    service._model_latency_s = 2.0  # a CPU model: slower than the typist
+    assert service.debounce_s() == pytest.approx(1.3 * 0.12)
+    service._model_latency_s = 0.05  # a GPU model: answers before the next key
+    assert service.debounce_s() == 0.0
+    service._note_keystroke(30.0)  # a pause is not part of the rhythm
+    assert max(service._keystroke_intervals_s) < 1.0
+    service.settings.completion.debounce_ms = 40
+    assert service.debounce_s() == 0.04
+
+
+async def test_keystrokes_inside_the_debounce_start_no_generation():
+    engine = ManualEngine()
+    settings = Settings()
+    settings.completion.debounce_ms = 150
+    service = CompletionService(engine, settings)
+    tasks = []
+    for version in range(1, 6):
+        tasks.append(asyncio.create_task(service.complete(snap(f"x = {'1' * version}|\n", version))))
+        await asyncio.sleep(0.03)
+    await until(lambda: len(engine.jobs) == 1, timeout_s=3)
+    engine.finish(0, " + 2")
+    results = await asyncio.gather(*tasks)
+    assert [r.reason for r in results[:-1]] == ["superseded by a newer request"] * 4
+    assert results[-1].text == " + 2" and len(engine.jobs) == 1

@@ -208,3 +208,47 @@ def test_total_budget_gives_the_prefix_what_other_files_leave():
     alone = prompts.build_prompt_tokens(prompts.assemble(templates["qwen2.5-coder"], prompts.PromptParts(parts.prefix, parts.suffix)),
                                         tokenize_text=fake_tokenize, tokenize_special=lambda s: [1], bos=[], max_prompt_tokens=120)
     assert len(alone.tokens) <= 120 and max(alone.segment_token_counts) > max(c for c in with_files.segment_token_counts)
+
+
+def _prefix_token_runs(anchor_lines: int, typed: str) -> tuple[int, list[int]]:
+    """Type `typed` at the end of a long file, one character per request; returns how many times the
+    prompt's first prefix tokens changed, and the prefix token counts."""
+    settings = CompletionSettings(max_prefix_tokens=400, max_prompt_tokens=800, prefix_anchor_lines=anchor_lines)
+    body = "".join(f"    total_{i} = compute(values[{i}], scale={i % 7})\n" for i in range(200))
+    head = "def run(values):\n" + body + "    "
+    changes, counts, previous = 0, [], None
+    for n in range(len(typed) + 1):
+        text = head + typed[:n]
+        ctx = build_context(Snapshot("file:///r.py", n, text, len(text), "python"), settings)
+        seg = prompts.Segment(ctx.prefix, budget_tokens=settings.max_prefix_tokens, keep="end",
+                              first_line=ctx.prefix_first_line, anchor_lines=anchor_lines)
+        tokens = prompts.build_prompt_tokens([seg], tokenize_text=fake_tokenize, tokenize_special=lambda s: [], bos=[]).tokens
+        counts.append(len(tokens))
+        if previous is not None and tokens[:20] != previous:
+            changes += 1
+        previous = tokens[:20]
+    return changes, counts
+
+
+def test_anchored_prefix_window_stays_put_while_typing():
+    typed = "".join(f"result_{i} = finish(total_{i}, total_2) + adjust(values, {i})\n    " for i in range(8))
+    anchored, counts = _prefix_token_runs(8, typed)
+    unanchored, _ = _prefix_token_runs(0, typed)
+    # cut right at the budget, the window's start moves with every line's worth of typed tokens; anchored
+    # at multiples of 8 lines, about once per 8 lines' worth
+    assert unanchored >= 8 and anchored * 4 <= unanchored
+    assert max(counts) <= 400 and min(counts) >= 400 - 8 * 20  # never over budget, never much under it
+
+
+def test_window_start_is_a_whole_line_at_an_anchor():
+    from lsp_server.context import _window_start
+
+    text = "".join(f"line {i}\n" for i in range(100))
+    cursor_line_start = text.index("line 90")
+    start, number = _window_start(text, text.index("line 41") + 3, cursor_line_start, 8)
+    assert number == 48 and text[start:].startswith("line 48\n")
+    start, number = _window_start(text, text.index("line 41"), cursor_line_start, 0)
+    assert number == 41 and text[start:].startswith("line 41\n")
+    assert _window_start(text, 0, cursor_line_start, 8) == (0, 0)
+    start, number = _window_start(text, text.index("line 89") + 2, cursor_line_start, 8)
+    assert number == 90 and start == cursor_line_start  # never past the cursor's line

@@ -162,4 +162,4 @@ def test_readme_settings_table_is_current():
     from lsp_server.config import settings_table
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    assert settings_table() in readme, "README settings table is stale: paste `python -m lsp_server.config`"
+    assert settings_table() in readme, "README settings table is stale: run scripts/readme_settings.py"

@@ -130,3 +130,16 @@ async def test_stop_reaps_the_worker():
     except ProcessLookupError:
         alive = False
     assert not alive
+
+
+def test_decode_budget_ends_a_block_at_its_next_line_end():
+    from lsp_server.engine.generation import TextAccumulator
+    from lsp_server.engine.protocol import GenerationRequest
+
+    acc = TextAccumulator(GenerationRequest(segments=[], single_line=False, max_lines=12, decode_budget_s=1.0))
+    assert not acc.feed("a = 1\n    b", over_budget=False)
+    assert not acc.feed(" = 2", over_budget=True)  # no line end since the budget ran out: go on
+    assert acc.feed("\n    c", over_budget=True)
+    assert acc.text == "a = 1\n    b = 2" and acc.finish == "budget"
+    single = TextAccumulator(GenerationRequest(segments=[], single_line=True))
+    assert not single.feed("x +", over_budget=True)  # single-line suggestions end at their line end anyway

@@ -7,6 +7,7 @@ folders, never when they look like secrets, and never over `MAX_FILE_BYTES`.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import os
 from collections import OrderedDict
@@ -77,10 +78,29 @@ class RecentEdits:
         return out
 
 
+@functools.lru_cache(maxsize=1)
+def _python_top_level_query():
+    import tree_sitter
+
+    language = languages.grammar("python")
+    if language is None:
+        return None
+    cursor = tree_sitter.QueryCursor(tree_sitter.Query(language, "[(import_from_statement) (if_statement) (try_statement)] @n"))
+    cursor.set_max_start_depth(1)
+    return cursor
+
+
 def _python_imports(root, data: bytes) -> list[tuple[str, list[str]]]:
-    """(module, [names]) for `from module import a, b` (relative modules keep their dots)."""
+    """(module, [names]) for `from module import a, b` (relative modules keep their dots), at the top level
+    and inside top-level if/try blocks, in file order.
+
+    A depth-limited tree-sitter query picks the top-level candidates in C: walking a 5,000-function
+    module's children from Python cost ~2 ms per keystroke, an unlimited query ~20 ms."""
+    cursor = _python_top_level_query()
+    if cursor is None:
+        return []
     out = []
-    stack = [root]
+    stack = sorted(cursor.captures(root).get("n", []), key=lambda n: n.start_byte, reverse=True)
     while stack:
         node = stack.pop()
         if node.type == "import_from_statement":
@@ -89,7 +109,8 @@ def _python_imports(root, data: bytes) -> list[tuple[str, list[str]]]:
             names = [n.split(" as ")[0].strip() for n in names]
             if module is not None:
                 out.append((module.text.decode(), names))
-        elif node.type in ("module", "block", "if_statement", "try_statement"):
+        elif node.type in ("block", "if_statement", "try_statement", "else_clause", "elif_clause", "except_clause",
+                           "finally_clause"):
             stack.extend(reversed(node.children))
     return out
 

@@ -37,6 +37,7 @@ class LlamaBackend:
 
         self._llama_cpp = llama_cpp
         self.chunk = max(8, int(config.get("prefill_chunk_tokens", 128)))
+        self.reuse_kv_cache = bool(config.get("reuse_kv_cache", True))
         self.model_path = config["model_path"]
         self.plan, _, _ = plan_for_file(
             config["model_path"], n_ctx=int(config.get("n_ctx") or 0), n_gpu_layers=int(config.get("n_gpu_layers", -1)),
@@ -95,13 +96,13 @@ class LlamaBackend:
         # Reuse the longest common prefix with what is in the KV cache; evaluate the rest in chunks so a
         # newer request can stop a long prefill between chunks. The last prompt token is left for
         # generate(), which needs fresh logits to sample from.
-        cached = llm._input_ids[: llm.n_tokens].tolist()
+        cached = llm._input_ids[: llm.n_tokens].tolist() if self.reuse_kv_cache else []
         reused = 0
         for a, b in zip(cached, prompt):
             if a != b:
                 break
             reused += 1
-        reused = min(reused, len(prompt) - 1)
+        reused = max(0, min(reused, len(prompt) - 1))
         llm.n_tokens = reused
         llm._ctx.kv_cache_seq_rm(-1, reused, -1)
         pos = reused
@@ -126,7 +127,8 @@ class LlamaBackend:
             if token in stop_ids or self._llama_cpp.llama_vocab_is_eog(self.vocab, token):
                 finish = "eog"
                 break
-            if acc.feed(decoder.decode(llm.detokenize([token]))):
+            over = req.decode_budget_s > 0 and time.perf_counter() - decode_started > req.decode_budget_s
+            if acc.feed(decoder.decode(llm.detokenize([token])), over):
                 finish = acc.finish or "stop"
                 break
             if generated >= req.max_tokens:
@@ -221,7 +223,8 @@ class FakeBackend:
             if delay_s:
                 time.sleep(delay_s)
             generated += 1
-            if acc.feed(piece):
+            over = req.decode_budget_s > 0 and time.perf_counter() - decode_started > req.decode_budget_s
+            if acc.feed(piece, over):
                 finish = acc.finish or "stop"
                 break
             if generated >= req.max_tokens:

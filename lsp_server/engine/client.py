@@ -37,6 +37,7 @@ class WorkerConfig:
     n_gpu_layers: int = -1
     vram_budget_mb: int = 0
     prefill_chunk_tokens: int = 128
+    reuse_kv_cache: bool = True
     probe_tokens: list[str] = field(default_factory=list)
     fake: dict = field(default_factory=dict)
     restart_backoff_initial_s: float = 1.0
@@ -48,6 +49,7 @@ class WorkerConfig:
         return WorkerConfig(
             model_path=model_path, n_ctx=m.n_ctx, n_threads=m.n_threads, n_gpu_layers=m.n_gpu_layers,
             vram_budget_mb=m.vram_budget_mb, prefill_chunk_tokens=m.prefill_chunk_tokens, probe_tokens=probe_tokens,
+            reuse_kv_cache=m.reuse_kv_cache,
             restart_backoff_initial_s=settings.worker.restart_backoff_initial_s,
             restart_backoff_max_s=settings.worker.restart_backoff_max_s,
         )
@@ -79,6 +81,8 @@ class WorkerClient:
         self._restart_handle: asyncio.TimerHandle | None = None
         self._ready_event: asyncio.Event | None = None
         self.generations_started = 0
+        self.max_in_flight = 0
+        """Most generations submitted to the worker and not yet finished at one time (the service keeps it at 1)."""
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -116,6 +120,7 @@ class WorkerClient:
             "n_gpu_layers": self.config.n_gpu_layers,
             "vram_budget_mb": self.config.vram_budget_mb,
             "prefill_chunk_tokens": self.config.prefill_chunk_tokens,
+            "reuse_kv_cache": self.config.reuse_kv_cache,
             "probe_tokens": self.config.probe_tokens,
             "fake": self.config.fake,
         }
@@ -265,6 +270,7 @@ class WorkerClient:
             job.future.set_result(GenerationResult(finish="not_ready", error=self.state))
             return job
         self._jobs[job.id] = job
+        self.max_in_flight = max(self.max_in_flight, len(self._jobs))
         try:
             write_frame(self._fd_to_worker, {"op": "generate", "id": job.id, "request": request.to_dict()})
             self.generations_started += 1

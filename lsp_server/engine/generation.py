@@ -12,9 +12,11 @@ class TextAccumulator:
         self.request = request
         self.text = ""
         self.finish: str | None = None
+        self._line_ends_at_budget: int | None = None
 
-    def feed(self, piece: str) -> bool:
-        """Add a piece; returns True when generation should stop."""
+    def feed(self, piece: str, over_budget: bool = False) -> bool:
+        """Add a piece; returns True when generation should stop. `over_budget`: the request's decode time
+        budget is spent, so a multi-line suggestion ends at its next line end."""
         self.text += piece
         for stop in self.request.stop:
             if stop and stop in self.text:
@@ -47,6 +49,13 @@ class TextAccumulator:
                 self.text = "\n".join(lines[: self.request.max_lines])
                 self.finish = "lines"
                 return True
+            if over_budget:
+                if self._line_ends_at_budget is None:
+                    self._line_ends_at_budget = self.text.count("\n") - piece.count("\n")
+                if len(lines) - 1 > self._line_ends_at_budget and any(line.strip() for line in lines[:-1]):
+                    self.text = "\n".join(lines[:-1])
+                    self.finish = "budget"
+                    return True
         return False
 
     def end(self, finish: str) -> str:

@@ -31,6 +31,8 @@ class GenerationRequest:
     """Columns per tab when comparing indentation."""
     temperature: float = 0.0
     timeout_s: float = 30.0
+    decode_budget_s: float = 0.0
+    """After this much decoding a multi-line suggestion ends at its next line end (0: no budget)."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -48,7 +50,7 @@ class GenerationRequest:
 class GenerationResult:
     text: str = ""
     finish: str = "stop"
-    """stop | length | lines | eog | cancelled | timeout | crashed | not_ready | error"""
+    """stop | length | lines | indent | brackets | budget | eog | cancelled | timeout | crashed | not_ready | error"""
     prompt_tokens: int = 0
     reused_tokens: int = 0
     generated_tokens: int = 0
