@@ -181,6 +181,17 @@ class CompletionCache:
         self.stats.misses += 1
         return None
 
+    def __contains__(self, key: str) -> bool:
+        """Whether `key` is cached (memory or disk), without counting a hit or a miss."""
+        if key in self._memory:
+            return True
+        if self._disk is None:
+            return False
+        try:
+            return key in self._disk
+        except (sqlite3.Error, OSError):
+            return False
+
     def put(self, key: str, value: dict) -> None:
         self._remember(key, value)
         self.stats.stores += 1

@@ -71,6 +71,30 @@ class Shown:
         return self.suggestion[typed_len:]
 
 
+def state_after_first_line(snapshot: Snapshot, suggestion: str, ctx: CompletionContext) -> Snapshot | None:
+    """The document after the suggestion's first line is typed (or accepted) and Enter pressed, with the
+    indentation an editor would give the new line: the suggestion's own second line's, else the current
+    line's (one step deeper after a block opener). None when text stands right of the cursor."""
+    if ctx.line_suffix.strip():
+        return None
+    lines = suggestion.split("\n")
+    first = lines[0]
+    if not first.strip() and len(lines) == 1:
+        return None
+    if len(lines) > 1:
+        second = lines[1]
+        indent = second[: len(second) - len(second.lstrip(" \t"))]
+    else:
+        line = ctx.line_prefix + first
+        indent = line[: len(line) - len(line.lstrip(" \t"))]
+        info = languages.detect(snapshot.language_id, snapshot.uri)
+        if line.rstrip().endswith(info.block_openers if info else (":", "{")):
+            indent += ctx.indent_unit or "    "
+    inserted = first + ctx.eol + indent
+    text = snapshot.text[: snapshot.offset] + inserted + snapshot.text[snapshot.offset :]
+    return Snapshot(snapshot.uri, snapshot.version, text, snapshot.offset + len(inserted), snapshot.language_id)
+
+
 @dataclass
 class Prepared:
     ctx: CompletionContext
@@ -110,6 +134,10 @@ class CompletionService:
         self._cache: CompletionCache | None = None
         self._shown: dict[str, Shown] = {}
         self._type_through_hits = 0
+        self._model_requests = 0
+        """Requests that went past the instant answers (type-through): a prefetch yields to any of them."""
+        self._prefetch_task: asyncio.Task | None = None
+        self.prefetches = {"started": 0, "stored": 0}
         self._keystroke_intervals_s: list[float] = []
         self._last_request_at = 0.0
         self._model_latency_s: float | None = None
@@ -131,7 +159,8 @@ class CompletionService:
         if c is None:
             return {"enabled": self.settings.cache.enabled, "typeThrough": self._type_through_hits}
         return {"enabled": True, "memoryHits": c.stats.memory_hits, "diskHits": c.stats.disk_hits, "misses": c.stats.misses,
-                "typeThrough": self._type_through_hits, "disk": str(c.directory) if c.directory and not c.disk_error else None}
+                "typeThrough": self._type_through_hits, "disk": str(c.directory) if c.directory and not c.disk_error else None,
+                "prefetchStarted": self.prefetches["started"], "prefetchStored": self.prefetches["stored"]}
 
     def forget(self, uri: str) -> None:
         """The document was closed."""
@@ -206,6 +235,7 @@ class CompletionService:
                 total_ms = (time.perf_counter() - t0) * 1000.0
                 log.info("completion ok reason=ok cache=type-through total=%.1fms chars=%d", total_ms, len(rest))
                 return Completion(rest, "ok", {"total": total_ms}, cache="type-through")
+        self._model_requests += 1
         prepared = await self.prepare(snapshot)
         if isinstance(prepared, str):
             log.debug("no completion: %s", prepared)
@@ -315,7 +345,44 @@ class CompletionService:
         )
         if text:
             self._shown[snapshot.uri] = Shown(snapshot.uri, snapshot.text, snapshot.offset, text)
+            self._schedule_prefetch(snapshot, text, ctx)
         return Completion(text, reason if text else f"nothing usable after {reason}", timings, result, cache)
+
+    # ---- speculative prefetch ------------------------------------------------------------------------
+    def _schedule_prefetch(self, snapshot: Snapshot, suggestion: str, ctx: CompletionContext) -> None:
+        if not self.settings.completion.prefetch or self.cache is None:
+            return
+        following = state_after_first_line(snapshot, suggestion, ctx)
+        if following is None:
+            return
+        if self._prefetch_task is not None and not self._prefetch_task.done():
+            self._prefetch_task.cancel()
+        self._prefetch_task = asyncio.ensure_future(self._prefetch(following, self._model_requests))
+
+    async def _prefetch(self, snapshot: Snapshot, seq: int) -> None:
+        """Generate into the cache only while nothing else wants the model; any real request stops it."""
+        await asyncio.sleep(0.05)  # a keystroke already on its way goes first
+        if seq != self._model_requests or self._running is not None or self._waiting is not None:
+            return
+        t0 = time.perf_counter()
+        prepared = await self.prepare(snapshot)
+        if isinstance(prepared, str) or seq != self._model_requests or self.cache is None:
+            return
+        key = self._cache_key(prepared.request, prepared.template)
+        if not key or key in self.cache or self._running is not None or self._waiting is not None:
+            return
+        req = _Request(-seq, snapshot, prepared.request, asyncio.get_running_loop().create_future())
+        self._waiting = req
+        self.prefetches["started"] += 1
+        self._pump()
+        result = await req.future
+        if result is None or result.finish in ("crashed", "not_ready", "error", "cancelled", "timeout"):
+            return
+        self.cache.put(key, {"text": result.text, "finish": result.finish})
+        self.prefetches["stored"] += 1
+        log.info("prefetch stored tokens=%d/%d reused=%d prefill=%.0fms decode=%.0fms total=%.0fms",
+                 result.prompt_tokens, result.generated_tokens, result.reused_tokens, result.prefill_ms,
+                 result.decode_ms, (time.perf_counter() - t0) * 1000.0)
 
     def _prompt_parts(self, snapshot: Snapshot, ctx, facts) -> prompts.PromptParts:
         settings = self.settings.completion

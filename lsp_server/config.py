@@ -67,6 +67,9 @@ class CompletionSettings:
     """Most lines in one multi-line suggestion."""
     temperature: float = 0.0
     """Sampling temperature; 0 is greedy (deterministic, cache friendly)."""
+    prefetch: bool = True
+    """After a suggestion, while the model is idle, work out the next one (for the document with the suggestion's
+    first line typed or accepted and Enter pressed) into the cache."""
     multi_line_budget_ms: int = 0
     """A multi-line suggestion still generating after this much decoding ends at its next line end (0: no
     limit). Off by default until its cost in quality (scripts/eval_fim.py) is measured."""

@@ -15,6 +15,7 @@ from lsp_server.cache import CompletionCache, cache_key, model_fingerprint
 from lsp_server.completion import CompletionService, Shown
 from lsp_server.config import Settings
 from lsp_server.context import Snapshot
+from lsp_server.engine.protocol import GenerationResult
 
 from test_completion_service import ManualEngine, until
 
@@ -179,3 +180,49 @@ async def test_unfinished_answers_are_not_cached(tmp_path, finish):
         engine.finish(i, "1", finish)
         await task
     assert len(engine.jobs) == 2
+
+
+async def test_prefetch_fills_the_cache_for_the_next_line_and_yields_to_real_requests(tmp_path):
+    engine = ManualEngine()
+    engine.info = {**engine.info, "fingerprint": "test-model"}
+    settings = Settings()
+    settings.cache.directory = str(tmp_path / "c")
+    service = CompletionService(engine, settings)
+    head = "def area(r):\n    "
+    task = asyncio.create_task(service.complete(_snap(head + "|\n")))
+    await until(lambda: len(engine.jobs) == 1)
+    engine.finish(0, "pi = 3.14159", "eog")
+    assert (await task).text == "pi = 3.14159"
+    # idle model: the state after typing that line and Enter is worked out in the background
+    await until(lambda: len(engine.jobs) == 2)
+    segments = "".join(s.text for s in engine.jobs[1].request.segments if not s.special)
+    assert "pi = 3.14159\n    " in segments
+    engine.finish(1, "return pi * r * r", "eog")
+    await until(lambda: service.prefetches["stored"] == 1)
+    after_enter = await service.complete(_snap(head + "pi = 3.14159\n    |\n", 2))
+    assert after_enter.text == "return pi * r * r" and after_enter.cache == "memory" and len(engine.jobs) == 2
+
+    # the next prefetch is running when the user types something else: it is cancelled at once
+    await until(lambda: len(engine.jobs) == 3)
+    prefetch_job = engine.jobs[2]
+    other = asyncio.create_task(service.complete(_snap(head + "pi = 3.14159\n    x|\n", 3)))
+    await until(lambda: prefetch_job.id in engine.cancelled)
+    prefetch_job.future.set_result(GenerationResult(finish="cancelled"))
+    await until(lambda: len(engine.jobs) == 4)
+    engine.finish(3, " = 1", "eog")
+    assert (await other).text == " = 1"
+
+
+def test_state_after_first_line_indents_like_an_editor():
+    from lsp_server.completion import state_after_first_line
+    from lsp_server.context import build_context
+
+    settings = Settings().completion
+    snap = _snap("def f(xs):\n    |\n")
+    ctx = build_context(snap, settings)
+    opened = state_after_first_line(snap, "for x in xs:", ctx)
+    assert opened.text == "def f(xs):\n    for x in xs:\n        \n" and opened.offset == len("def f(xs):\n    for x in xs:\n        ")
+    block = state_after_first_line(snap, "total = 0\n    for x in xs:", ctx)
+    assert block.text == "def f(xs):\n    total = 0\n    \n"
+    right = _snap("print(|)\n")
+    assert state_after_first_line(right, "x", build_context(right, settings)) is None
