@@ -390,7 +390,7 @@ def make_plan(
             if sum(vram_estimate(shape, max_layers, ctx, kv, True).values()) <= budget:
                 whole = "the whole model" if max_layers == shape.n_layers else f"{max_layers} layers (the settings' limit)"
                 return plan(max_layers, ctx, kv, f"{whole} fits with n_ctx {ctx} and a {kv} KV cache")
-    ctx = min(contexts[-1], CPU_CONTEXT) if n_ctx <= 0 else n_ctx
+    ctx = min(CPU_CONTEXT, shape.n_ctx_train) if n_ctx <= 0 else n_ctx
     for layers in range(max_layers - 1, 0, -1):
         if sum(vram_estimate(shape, layers, ctx, "q8_0", True).values()) <= budget:
             return plan(layers, ctx, "q8_0", f"only {layers} of {shape.n_layers} layers fit: the rest run on the CPU")
