@@ -390,7 +390,7 @@ class CompletionService:
         if settings.max_snippet_tokens > 0:
             open_texts = self.open_texts()
             if facts is not None:
-                found = self.crossfile.import_snippets(snapshot.uri, facts.language, facts.tree, facts.data, open_texts)
+                found = self.crossfile.import_snippets(snapshot.uri, facts.language, facts.head_tree, facts.head_data, open_texts)
                 snippets += [(s.path, s.text) for s in found]
             snippets += [(s.path, s.text) for s in self.recent_edits.snippets(open_texts, snapshot.uri, self.crossfile.relative)]
             snippets = snippets[: settings.max_snippets]

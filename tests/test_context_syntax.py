@@ -252,3 +252,35 @@ def test_window_start_is_a_whole_line_at_an_anchor():
     assert _window_start(text, 0, cursor_line_start, 8) == (0, 0)
     start, number = _window_start(text, text.index("line 89") + 2, cursor_line_start, 8)
     assert number == 90 and start == cursor_line_start  # never past the cursor's line
+
+
+def test_big_documents_are_analyzed_in_a_window_with_the_same_facts(monkeypatch):
+    from lsp_server.context import syntax
+    from lsp_server.context.crossfile import _python_imports
+
+    body = "".join(f"def f{i}(value):\n    # note {i}\n    return value * {i}\n\n\n" for i in range(1500))
+    text = "from helpers import scale, shift\n\n\nclass Big:\n    def method(self, x):\n        if x:\n            y = f(\n" + body
+    cursors = [text.index("y = f(") + 6, text.index("# note 700") + 4, text.index("return value * 1400") + 7]
+    windowed = [syntax.analyze(syntax.TreeCache(), "file:///big.py", "python", text, c, 1.0, True) for c in cursors]
+    monkeypatch.setattr(syntax, "WINDOW_MIN_CHARS", 10**9)
+    whole = [syntax.analyze(syntax.TreeCache(), "file:///big.py", "python", text, c, 1.0, True) for c in cursors]
+    for w, f in zip(windowed, whole):
+        assert len(w.data) < len(f.data) // 10  # a window, not the document
+        assert (w.in_comment, w.in_string, w.hole_at_cursor, w.headers, w.header_offset) == \
+            (f.in_comment, f.in_string, f.hole_at_cursor, f.headers, f.header_offset)
+        assert _python_imports(w.head_tree.root_node, w.head_data) == [("helpers", ["scale", "shift"])]
+    assert windowed[0].headers[0].startswith("class Big") and windowed[1].in_comment
+
+
+def test_analysis_window_bounds():
+    from lsp_server.context.syntax import WINDOW_MAX_LINES, analysis_window
+
+    short = "def f():\n    return 1\n"
+    assert analysis_window(short, 5) == (0, len(short))
+    text = "int main(void) {\n" + "    x++;\n" * 5000 + "}\nint other(void) {\n    return 0;\n}\n"
+    cursor = text.index("x++", len(text) // 2)
+    start, end = analysis_window(text, cursor)
+    assert text[start:cursor].count("\n") <= WINDOW_MAX_LINES and text[cursor:end].count("\n") <= WINDOW_MAX_LINES + 1
+    last = text.rindex("x++")
+    start, end = analysis_window(text, last)
+    assert text[start:end].endswith("}\n") and text[end:].startswith("int other")  # a closing brace stays inside
