@@ -219,9 +219,10 @@ def fit_to_budget(
 
     Keeps the end (keep="end") or the start (keep="start"). A single line longer than the budget is cut
     by tokens. With `anchor_lines` and the document line number of the text's first line (`first_line`),
-    a cut from the start lands on a document line that is a multiple of `anchor_lines`: the window then
-    keeps its first line while the user types, so the model's KV cache for it is reused (a cut as close
-    to the budget as possible would move with nearly every keystroke).
+    a cut from the start moves back to a document line that is a multiple of `anchor_lines` (up to
+    anchor_lines - 1 lines over the budget): the window then keeps its first line while the user types, so
+    the model's KV cache for it is reused (a cut right at the budget moves with every line's worth of
+    typed tokens, and nothing after the move can be reused).
     """
     tokens = tokenize(text)
     if budget_tokens is None or len(tokens) <= budget_tokens:
@@ -253,11 +254,13 @@ def fit_to_budget(
         kept.pop(0 if keep == "end" else -1)
         result = "".join(kept)
         tokens = tokenize(result)
-    if keep == "end" and anchor_lines > 0 and first_line >= 0 and len(kept) > 1:
-        start = first_line + len(lines) - len(kept)
-        extra = -start % anchor_lines
-        if 0 < extra < len(kept):
-            kept = kept[extra:]
+    if keep == "end" and anchor_lines > 0 and first_line >= 0:
+        # Start earlier, at the anchor line at or before the cut: never less context than the budget gives,
+        # at most anchor_lines - 1 lines more.
+        dropped = len(lines) - len(kept)
+        extra = min(dropped, (first_line + dropped) % anchor_lines)
+        if extra:
+            kept = list(reversed(lines[len(kept) : len(kept) + extra])) + kept
             result = "".join(kept)
             tokens = tokenize(result)
     return len(result), tokens

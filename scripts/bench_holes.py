@@ -44,6 +44,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from lsp_server.hardware import plan_for_file  # noqa: E402
+
 from holes import (  # noqa: E402  (scripts/holes.py: sources, holes, the LSP client, report helpers)
     REPO,
     Hole,
@@ -415,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model: {model}")
     print(
-        f"settings: n_ctx={settings.model.n_ctx} threads={settings.model.n_threads or os.cpu_count()} "
+        f"settings: plan {plan_for_file(model, n_ctx=settings.model.n_ctx)[0].summary()}; "
         f"prefix<={cs.max_prefix_tokens} suffix<={cs.max_suffix_tokens} tokens, "
         f"max_tokens line/block={cs.max_tokens_single_line}/{cs.max_tokens_multi_line}, seed={args.seed}, "
         f"plain stops: {args.plain_stops}"

@@ -768,6 +768,11 @@ def workspace_folders(files_by_language: dict[str, list[Path]]) -> list[Path]:
     return folders
 
 
+# One request per document: the response cache could only answer from an earlier run of the script, and a
+# prefetch after each answer could only compete for the CPU with the other path's timed call. Both are off.
+HOLE_BENCH_OPTIONS = {"cache": {"enabled": False}, "completion": {"prefetch": False}}
+
+
 class LspPath:
     """The language server as an editor drives it: didOpen, inlineCompletion (timed), didClose.
 
@@ -802,6 +807,7 @@ class LspPath:
             "rootUri": self.workspace[0].as_uri() if self.workspace else None,
             "workspaceFolders": [{"uri": w.as_uri(), "name": w.name} for w in self.workspace] or None,
             "capabilities": caps,
+            "initializationOptions": HOLE_BENCH_OPTIONS,
         }
         reply, _ = self.client.request("initialize", params, 60)
         if reply is None or "error" in reply:
@@ -883,16 +889,15 @@ class LlamaModel:
     def __init__(self, model: Path, settings: Settings) -> None:
         from llama_cpp import Llama
 
+        from lsp_server.hardware import plan_for_file
+
         self.settings = settings
-        self.n_threads = settings.model.n_threads or max(1, os.cpu_count() or 2)
-        self.llm = Llama(
-            model_path=str(model),
-            n_ctx=settings.model.n_ctx,
-            n_threads=self.n_threads,
-            n_threads_batch=self.n_threads,
-            n_batch=512,
-            verbose=False,
-        )
+        m = settings.model
+        # the server's own hardware plan (context length, threads, KV type, GPU layers) for this model
+        self.plan, _, _ = plan_for_file(model, n_ctx=m.n_ctx, n_gpu_layers=m.n_gpu_layers,
+                                        vram_budget_mb=m.vram_budget_mb, n_threads=m.n_threads)
+        self.n_threads = self.plan.n_threads
+        self.llm = Llama(model_path=str(model), n_batch=512, verbose=False, **self.plan.llama_kwargs())
         self.template = self._detect_template()
 
     def _detect_template(self) -> prompts.FimTemplate:

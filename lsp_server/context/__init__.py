@@ -129,20 +129,21 @@ def _around(text: str, offset: int, chars: int) -> str:
 
 
 def _window_start(text: str, cut: int, line_start: int, anchor_lines: int) -> tuple[int, int]:
-    """Where the text before the cursor starts, and its line number: the start of the first whole line at or
-    after `cut` whose number is a multiple of `anchor_lines` (but never past the cursor's line), so that
-    typing does not move it."""
+    """Where the text before the cursor starts, and its line number: the first whole line at or after
+    `cut`, moved back to a line whose number is a multiple of `anchor_lines`, so that typing does not move
+    it (never past the cursor's line)."""
     if cut <= 0:
         return 0, 0
-    number = text.count("\n", 0, cut)
     start = text.rfind("\n", 0, cut) + 1
-    if start < cut:  # `cut` is inside a line: begin with the next one
+    number = text.count("\n", 0, start)
+    if start < cut:  # `cut` is inside a line: the next one is the first whole line
         start = text.find("\n", cut) + 1
         number += 1
-    while anchor_lines > 0 and number % anchor_lines and start < line_start:
-        start = text.find("\n", start) + 1
-        number += 1
-    if start <= 0 or start > line_start:
+    back = number % anchor_lines if anchor_lines > 0 else 0
+    for _ in range(back):
+        start = text.rfind("\n", 0, start - 1) + 1
+        number -= 1
+    if start <= 0 and number > 0 or start > line_start:
         return line_start, text.count("\n", 0, line_start)
     return start, number
 
