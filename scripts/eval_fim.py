@@ -16,11 +16,12 @@ Each hole is completed twice, one after the other, the order alternating from ho
 
 * LSP: `python -m lsp_server serve` as an editor drives it (didOpen, textDocument/inlineCompletion with
   triggerKind 1, didClose); the prediction is the first item's insertText ("" when there is none); timed
-  from sending the request to reading its reply;
+  from sending the request to reading its reply. The response cache and the prefetch are off (one request
+  per document: the cache could only answer from an earlier run, a prefetch could only slow the other path);
 * naive: what a plain FIM integration does, in this process with llama-cpp-python, the same model, n_ctx
   and threads: the model family's FIM template (the server's template files and family detection) around a
   fixed line window (the previous 40 lines and the cursor line up to the cursor; the rest of the cursor
-  line and the next 10 lines), temperature 0, max_tokens 48 (single) / 128 (multi), stopping at the
+  line and the next 10 lines), the server's hardware plan (context length, threads), temperature 0, max_tokens 48 (single) / 128 (multi), stopping at the
   model's end of generation or the template's stop strings, and for single-line holes at the first line
   end; no other post-processing. Only `create_completion` is timed.
 
