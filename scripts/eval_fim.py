@@ -239,7 +239,7 @@ class NaivePath(LlamaModel):
             self.template, {"prefix": prompts.PromptValue(prefix), "suffix": prompts.PromptValue(suffix)}
         )
         pieces = [self._tok_special(s.text) if s.special else self._tok_text(s.text) for s in segments]
-        over = len(self.bos()) + sum(map(len, pieces)) + max_tokens - self.settings.model.n_ctx
+        over = len(self.bos()) + sum(map(len, pieces)) + max_tokens - self.llm.n_ctx()
         dropped = 0
         if over > 0:
             k = next(i for i, s in enumerate(segments) if not s.special and s.text == prefix)
