@@ -1,0 +1,62 @@
+-- :Offpilot {status|enable|disable|toggle|restart}. Nothing starts until require('offpilot').setup().
+if vim.g.loaded_offpilot then
+  return
+end
+vim.g.loaded_offpilot = true
+
+vim.api.nvim_set_hl(0, 'OffpilotGhost', { link = 'Comment', default = true })
+
+local subcommands = {
+  status = function()
+    local offpilot = require('offpilot')
+    local status, err = offpilot.status()
+    if not status then
+      vim.notify('offpilot: ' .. err, vim.log.levels.WARN)
+      return
+    end
+    offpilot.show_markdown('# offpilot status\n\n```json\n' .. vim.json.encode(status) .. '\n```')
+  end,
+  enable = function()
+    vim.g.offpilot_enabled = true
+  end,
+  disable = function()
+    vim.g.offpilot_enabled = false
+    pcall(require('offpilot').dismiss)
+  end,
+  toggle = function()
+    vim.g.offpilot_enabled = vim.g.offpilot_enabled == false
+    vim.notify('offpilot suggestions while typing: ' .. (vim.g.offpilot_enabled and 'on' or 'off'))
+  end,
+  restart = function()
+    local offpilot = require('offpilot')
+    local buffers = {}
+    for _, client in ipairs(vim.lsp.get_clients({ name = offpilot.client_name })) do
+      vim.list_extend(buffers, vim.tbl_keys(client.attached_buffers or {}))
+      require('offpilot.compat').stop(client)
+    end
+    vim.defer_fn(function()
+      for _, buf in ipairs(buffers) do
+        if vim.api.nvim_buf_is_valid(buf) then
+          offpilot.start(buf)
+        end
+      end
+    end, 500)
+  end,
+}
+
+vim.api.nvim_create_user_command('Offpilot', function(args)
+  local sub = subcommands[args.fargs[1] or 'status']
+  if not sub then
+    vim.notify('offpilot: unknown subcommand ' .. args.fargs[1], vim.log.levels.ERROR)
+    return
+  end
+  sub()
+end, {
+  nargs = '?',
+  desc = 'offpilot: status, enable, disable, toggle, restart',
+  complete = function(lead)
+    return vim.tbl_filter(function(name)
+      return vim.startswith(name, lead)
+    end, vim.tbl_keys(subcommands))
+  end,
+})
