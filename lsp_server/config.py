@@ -1,4 +1,4 @@
-"""The one typed settings tree: defaults < initializationOptions < workspace/configuration.
+"""The one typed settings tree: defaults < initializationOptions < workspace/didChangeConfiguration.
 
 Every field has a default and a one-line docstring (the string literal right after it). Invalid values
 keep the previous value and produce one warning each.

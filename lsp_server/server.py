@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from pathlib import Path
@@ -39,6 +40,14 @@ class OffpilotServer(LanguageServer):
         merge(self.settings, params.initialization_options, source="initializationOptions")
         roots = [f.uri for f in params.workspace_folders or []] or ([params.root_uri] if params.root_uri else [])
         self.completions.crossfile.roots = [Path(uri_path(uri)).resolve() for uri in roots if uri.startswith("file:")]
+
+    def reconfigure(self, settings) -> None:
+        """workspace/didChangeConfiguration: completion and cache settings apply to the next request; model
+        and worker settings when the server next starts (a model is not reloaded behind the user's back)."""
+        before = dataclasses.asdict(self.settings.model), dataclasses.asdict(self.settings.worker)
+        merge(self.settings, settings, source="didChangeConfiguration")  # each bad value: one warning in the log
+        if (dataclasses.asdict(self.settings.model), dataclasses.asdict(self.settings.worker)) != before:
+            log.warning("model and worker settings changed: they take effect when the server restarts")
 
     def open_texts(self) -> dict[str, str]:
         return {doc.uri: doc.text for doc in self.store.documents() if not doc.desynced}
@@ -146,6 +155,7 @@ def create_server(*, model_path: str | None = None, engine_overrides: dict | Non
     server.feature(types.INITIALIZED)(lifecycle.initialized)
     server.feature(types.SHUTDOWN)(lifecycle.shutdown)
     server.feature("offpilot/status")(lifecycle.status)
+    server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)(lifecycle.did_change_configuration)
     server.feature(types.TEXT_DOCUMENT_DID_OPEN)(documents.did_open)
     server.feature(types.TEXT_DOCUMENT_DID_CHANGE)(documents.did_change)
     server.feature(types.TEXT_DOCUMENT_DID_CLOSE)(documents.did_close)

@@ -240,3 +240,21 @@ async def test_a_restarted_server_answers_from_the_disk_cache_and_survives_a_cor
     third, status = await session()
     assert third["result"] == first["result"] and status["cache"]["misses"] == 1
     assert len(record.read_text().splitlines()) == 2
+
+
+async def test_settings_change_applies_to_the_next_request():
+    client = await raw({"outputs": ["a + b"]})
+    try:
+        uri = "file:///conf.py"
+        client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
+                                                                "text": "def add(a, b):\n    return \n"}})
+        reply = await client.request("textDocument/inlineCompletion", inline_params(uri, 1, 11))
+        assert reply["result"]["items"]
+        client.notify("workspace/didChangeConfiguration", {"settings": {"offpilot": {"completion": {"enabled": False}}}})
+        reply = await client.request("textDocument/inlineCompletion", inline_params(uri, 1, 11))
+        assert reply["result"] == {"items": []}
+        client.notify("workspace/didChangeConfiguration", {"settings": {"completion": {"enabled": True, "maxLines": "x"}}})
+        reply = await client.request("textDocument/inlineCompletion", inline_params(uri, 1, 11))
+        assert reply["result"]["items"]  # the bad value is ignored, the good one applied
+    finally:
+        assert await client.close() == 0

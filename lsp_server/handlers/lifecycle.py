@@ -1,4 +1,4 @@
-"""initialize / initialized / shutdown and offpilot/status."""
+"""initialize / initialized / shutdown, settings changes and offpilot/status."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ async def initialized(ls, params: types.InitializedParams) -> None:
 
 async def shutdown(ls, params: None) -> None:
     await ls.stop_engine()
+
+
+def did_change_configuration(ls, params: types.DidChangeConfigurationParams) -> None:
+    ls.reconfigure(params.settings)
 
 
 def status(ls, params) -> dict:
