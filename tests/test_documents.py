@@ -137,3 +137,34 @@ def test_random_edit_sessions_match_a_reference():
                 doc.desynced = False
                 continue
             assert doc.text == expected
+
+
+def test_line_starts_kept_through_edits_match_a_recount():
+    import random
+
+    from lsp_server.documents import UTF16, DocumentStore, InvalidEdit, TextChange, line_starts
+
+    rng = random.Random(7)
+    pieces = ["a", "bc", "\n", "\r\n", "\r", " ", "é", "😀", "\u2028", "x\ny"]
+    store = DocumentStore()
+    doc = store.open("file:///s.txt", "plaintext", 1, "start\r\nmiddle\rend\n")
+    kept = 0
+    for version in range(2, 400):
+        starts = doc.starts
+        lines = len(starts)
+        sl = rng.randrange(lines)
+        el = min(lines - 1, sl + rng.choice([0, 0, 1, 2]))
+        def col(line):
+            content = doc.text[starts[line]:doc.line_content_end(line)]
+            return len(content.encode("utf-16-le")) // 2
+        sc = rng.randint(0, col(sl))
+        ec = rng.randint(sc if el == sl else 0, col(el))
+        new = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 3)))
+        try:
+            doc = store.change(doc.uri, version, [TextChange(new, ((sl, sc), (el, ec)))], UTF16)
+        except InvalidEdit:  # a position inside a surrogate pair: rejected whole, as it must be
+            doc = store.open(doc.uri, "plaintext", version, doc.text)
+            continue
+        kept += doc._starts is not None
+        assert doc.starts == line_starts(doc.text), (version, repr(doc.text))
+    assert kept > 200  # most edits update the line starts instead of recounting them
