@@ -225,4 +225,4 @@ def _camel(name: str) -> str:
 
 
 if __name__ == "__main__":  # `python -m lsp_server.config` prints the README's settings table
-    print(settings_table(), end="")
+    print(settings_table(), end="")  # stdout-ok: a command-line tool, not the server

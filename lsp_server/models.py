@@ -578,23 +578,9 @@ def default_model_name(*, gpu_present: bool, cpu_count: int) -> str:
 
 
 def _nvidia_gpu_present() -> bool:
-    try:
-        import pynvml
-    except ImportError:
-        return False
-    try:
-        pynvml.nvmlInit()
-    except (pynvml.NVMLError, OSError, AttributeError):
-        return False
-    try:
-        return int(pynvml.nvmlDeviceGetCount()) > 0
-    except (pynvml.NVMLError, OSError):
-        return False
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except (pynvml.NVMLError, OSError):
-            pass
+    from .hardware import probe_gpus  # NVML, with every failure meaning "no GPU"
+
+    return bool(probe_gpus().gpus)
 
 
 def detect_default_model_name() -> str:

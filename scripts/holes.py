@@ -574,22 +574,8 @@ class LspClient:
 
     def request(self, method: str, params, timeout_s: float) -> tuple[dict | None, float]:
         """(reply or None on timeout/exit, seconds from just before sending to the reply's arrival)."""
-        with self._lock:
-            msg_id = self._next_id
-            self._next_id += 1
-            ev = threading.Event()
-            self._events[msg_id] = ev
-        body = json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params}).encode("utf-8")
-        data = b"Content-Length: %d\r\n\r\n" % len(body) + body
-        with self._lock:
-            assert self.proc.stdin is not None
-            sent = time.perf_counter()
-            try:
-                self.proc.stdin.write(data)
-                self.proc.stdin.flush()
-                alive = self._reader.is_alive()
-            except (BrokenPipeError, OSError, ValueError):
-                alive = False
+        ev = threading.Event()
+        msg_id, sent, alive = self._send_request(method, params, ev)
         if alive:
             ev.wait(timeout_s)
         with self._lock:
@@ -603,9 +589,16 @@ class LspClient:
 
     def request_nowait(self, method: str, params) -> tuple[int, float]:
         """Send a request without waiting: (its id, the time just before sending); see peek_reply."""
+        msg_id, sent, _ = self._send_request(method, params, None)
+        return msg_id, sent
+
+    def _send_request(self, method: str, params, event: threading.Event | None) -> tuple[int, float, bool]:
+        """(id, time just before sending, whether the reader still runs); `event` is set when the reply comes."""
         with self._lock:
             msg_id = self._next_id
             self._next_id += 1
+            if event is not None:
+                self._events[msg_id] = event
         body = json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": method, "params": params}).encode("utf-8")
         data = b"Content-Length: %d\r\n\r\n" % len(body) + body
         with self._lock:
@@ -614,9 +607,10 @@ class LspClient:
             try:
                 self.proc.stdin.write(data)
                 self.proc.stdin.flush()
+                alive = self._reader.is_alive()
             except (BrokenPipeError, OSError, ValueError):
-                pass
-        return msg_id, sent
+                alive = False
+        return msg_id, sent, alive
 
     def peek_reply(self, msg_id: int) -> tuple[dict, float] | None:
         """(reply, arrival time) once the reply to a request_nowait request is in, else None."""

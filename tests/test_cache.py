@@ -124,16 +124,22 @@ def test_type_through_needs_the_typed_text_to_start_the_suggestion():
     assert shown.rest_after_typing(Snapshot("file:///u.py", 2, "x = comp\nend", 8, "python")) == ""
 
 
+def _cached_service(tmp_path, fingerprint: str = "test-model", enabled: bool = True):
+    """A service over a hand-driven engine whose model has `fingerprint`, caching under tmp_path."""
+    engine = ManualEngine()
+    engine.info = {**engine.info, "fingerprint": fingerprint}
+    settings = Settings()
+    settings.cache.enabled = enabled
+    settings.cache.directory = str(tmp_path / "c")
+    return engine, settings, CompletionService(engine, settings)
+
+
 def _snap(text: str, version: int = 1) -> Snapshot:
     return Snapshot("file:///t.py", version, text.replace("|", ""), text.index("|"), "python")
 
 
 async def test_service_serves_repeats_and_type_through_without_the_model(tmp_path):
-    engine = ManualEngine()
-    engine.info = {**engine.info, "fingerprint": "test-model"}
-    settings = Settings()
-    settings.cache.directory = str(tmp_path / "c")
-    service = CompletionService(engine, settings)
+    engine, settings, service = _cached_service(tmp_path)
     doc = "def area(r):\n    return |\n"
     task = asyncio.create_task(service.complete(_snap(doc)))
     await until(lambda: len(engine.jobs) == 1)
@@ -154,12 +160,7 @@ async def test_service_serves_repeats_and_type_through_without_the_model(tmp_pat
 
 async def test_no_caching_without_a_fingerprint_or_when_disabled(tmp_path):
     for fingerprint, enabled in (("", True), ("test-model", False)):
-        engine = ManualEngine()
-        engine.info = {**engine.info, "fingerprint": fingerprint}
-        settings = Settings()
-        settings.cache.enabled = enabled
-        settings.cache.directory = str(tmp_path / "c")
-        service = CompletionService(engine, settings)
+        engine, settings, service = _cached_service(tmp_path, fingerprint, enabled)
         for i in range(2):
             task = asyncio.create_task(service.complete(_snap("x = |\n", i)))
             await until(lambda i=i: len(engine.jobs) == i + 1)
@@ -169,11 +170,7 @@ async def test_no_caching_without_a_fingerprint_or_when_disabled(tmp_path):
 
 @pytest.mark.parametrize("finish", ["cancelled", "error", "timeout"])
 async def test_unfinished_answers_are_not_cached(tmp_path, finish):
-    engine = ManualEngine()
-    engine.info = {**engine.info, "fingerprint": "test-model"}
-    settings = Settings()
-    settings.cache.directory = str(tmp_path / "c")
-    service = CompletionService(engine, settings)
+    engine, settings, service = _cached_service(tmp_path)
     for i in range(2):
         task = asyncio.create_task(service.complete(_snap("x = |\n", i)))
         await until(lambda i=i: len(engine.jobs) == i + 1)
@@ -183,11 +180,7 @@ async def test_unfinished_answers_are_not_cached(tmp_path, finish):
 
 
 async def test_prefetch_fills_the_cache_for_the_next_line_and_yields_to_real_requests(tmp_path):
-    engine = ManualEngine()
-    engine.info = {**engine.info, "fingerprint": "test-model"}
-    settings = Settings()
-    settings.cache.directory = str(tmp_path / "c")
-    service = CompletionService(engine, settings)
+    engine, settings, service = _cached_service(tmp_path)
     head = "def area(r):\n    "
     task = asyncio.create_task(service.complete(_snap(head + "|\n")))
     await until(lambda: len(engine.jobs) == 1)

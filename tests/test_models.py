@@ -491,6 +491,9 @@ def _fake_pynvml(count=1, init_error=None):
 
     mod.nvmlInit = init
     mod.nvmlDeviceGetCount = lambda: count
+    mod.nvmlDeviceGetHandleByIndex = lambda i: i
+    mod.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=8 << 30, free=7 << 30)
+    mod.nvmlDeviceGetName = lambda h: b"Fake GPU"
     mod.nvmlShutdown = shutdown
     return mod
 
