@@ -218,6 +218,8 @@ class CompletionService:
             temperature=settings.temperature,
             timeout_s=settings.generation_timeout_s,
             decode_budget_s=0.0 if ctx.single_line else settings.multi_line_budget_ms / 1000.0,
+            # On a blank line the user is about to write something: "nothing" is no answer there.
+            min_tokens=1 if not ctx.line_prefix.strip() and not ctx.line_suffix.strip() else 0,
         )
         return Prepared(ctx, facts, request, template)
 

@@ -162,3 +162,15 @@ async def test_keystrokes_inside_the_debounce_start_no_generation():
     results = await asyncio.gather(*tasks)
     assert [r.reason for r in results[:-1]] == ["superseded by a newer request"] * 4
     assert results[-1].text == " + 2" and len(engine.jobs) == 1
+
+
+async def test_a_blank_line_asks_for_at_least_one_token_and_code_on_the_line_does_not():
+    engine = ManualEngine()
+    service = CompletionService(engine, Settings())
+    cases = [("def f():\n    |\n", 1), ("def f():\n    return |\n", 0), ("x = 1\n|\n", 1), ("x = f(|)\n", 0)]
+    for i, (text, expected) in enumerate(cases):
+        task = asyncio.create_task(service.complete(snap(text, version=i + 1)))
+        await until(lambda: len(engine.jobs) == i + 1)
+        assert engine.jobs[i].request.min_tokens == expected, text
+        engine.finish(i, "pass")
+        await task

@@ -77,3 +77,25 @@ def test_cli_help_lists_the_commands():
 def test_cli_complete_reports_bad_locations(tmp_path):
     out = subprocess.run([sys.executable, "-m", "lsp_server", "complete", str(tmp_path / "nope.py") + ":1:1"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "nope.py" in out.stderr
+
+
+def test_min_tokens_keeps_the_model_from_ending_early(default_model):
+    from lsp_server.engine.backends import LlamaBackend
+    from lsp_server.engine.protocol import GenerationRequest
+    from lsp_server.prompts import Segment
+
+    backend = LlamaBackend({"model_path": str(default_model), "n_ctx": 1024})
+    segments = [
+        Segment("<|fim_prefix|>", True), Segment("def total(items):\n    return sum(items)\n"),
+        Segment("<|fim_suffix|>", True), Segment("\n\ndef mean(items):\n    return total(items) / len(items)\n"),
+        Segment("<|fim_middle|>", True),
+    ]
+
+    def run(min_tokens: int):
+        request = GenerationRequest(segments=segments, single_line=False, max_tokens=24, min_tokens=min_tokens, stop=["<|file_sep|>"])
+        return backend.generate(request, lambda: None)
+
+    free = run(0)
+    assert free.finish == "eog", free  # this spot is complete: the model ends early on its own
+    held = run(free.generated_tokens)  # the end token it chose last time is now forbidden
+    assert held.generated_tokens > free.generated_tokens, (free, held)

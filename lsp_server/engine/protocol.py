@@ -33,6 +33,8 @@ class GenerationRequest:
     timeout_s: float = 30.0
     decode_budget_s: float = 0.0
     """After this much decoding a multi-line suggestion ends at its next line end (0: no budget)."""
+    min_tokens: int = 0
+    """The model may not end the text (end-of-generation or a one-token stop) before this many tokens."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
