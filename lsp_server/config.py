@@ -106,6 +106,19 @@ class CacheSettings:
 
 
 @dataclass
+class ActionSettings:
+    enabled: bool = True
+    """Offer code actions (explain, refactor, add docstring/comments, fix a diagnostic)."""
+    max_code_chars: int = 12000
+    """Most characters of code one action sends to the model; a larger selection is refused with a message."""
+    timeout_s: float = 300.0
+    """An action's generation that takes longer is stopped (it steps aside for completions meanwhile)."""
+    show_document: bool = True
+    """Explain also opens the explanation as a read-only Markdown file (window/showDocument), for clients that
+    do not show the command's result themselves (the offpilot VS Code and Neovim clients turn this off)."""
+
+
+@dataclass
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     """The GGUF model and how it runs."""
@@ -115,6 +128,8 @@ class Settings:
     """The model worker process."""
     cache: CacheSettings = field(default_factory=CacheSettings)
     """The response cache."""
+    actions: ActionSettings = field(default_factory=ActionSettings)
+    """Code actions."""
 
 
 def _snake(name: str) -> str:

@@ -13,6 +13,18 @@ _INVISIBLE = re.compile("[\u202a-\u202e\u2066-\u2069\u200b-\u200f\u2060\ufeff\U0
 _SPECIAL_TOKEN = re.compile(r"<\|[a-z_]+\|>|<fim_[a-z]+>|<file_sep>|<｜[^｜]*｜>|▁<[A-Z]{3}>|\[(?:PREFIX|SUFFIX|MIDDLE)\]")
 
 
+_CHAT_TOKEN = re.compile(r"<\|[A-Za-z_]+\|>|<(?:start|end)_of_turn>|\[/?INST\]")
+MAX_ANSWER_CHARS = 64 * 1024
+
+
+def strip_special_tokens(text: str) -> str:
+    """A chat answer up to its first special token (FIM or chat), without invisible or bidi controls, and
+    within MAX_ANSWER_CHARS."""
+    text = _SPECIAL_TOKEN.split(text, maxsplit=1)[0]
+    text = _CHAT_TOKEN.split(text, maxsplit=1)[0]
+    return _INVISIBLE.sub("", text)[:MAX_ANSWER_CHARS]
+
+
 def clean(text: str, ctx: CompletionContext, surrounding: str = "") -> str:
     """Sanitize, trim overlap with the code after the cursor, match the document's line ends."""
     text = _SPECIAL_TOKEN.split(text, maxsplit=1)[0]

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import uuid
 from pathlib import Path
 
 from lsprotocol import types
+from pygls.exceptions import JsonRpcRequestCancelled
 from pygls.lsp.server import LanguageServer
 
 from . import __version__, prompts
+from .actions import ActionService
 from .completion import CompletionService
 from .config import Settings, merge
 from .documents import DocumentStore
 from .engine.client import FAILED, READY, WorkerClient, WorkerConfig
-from .handlers import documents, inline, lifecycle
+from .handlers import actions, documents, inline, lifecycle
 from .languages import uri_path
 from .models import ModelInstallError, resolve_model
 from .protocol import OffpilotProtocol
@@ -32,6 +35,9 @@ class OffpilotServer(LanguageServer):
         self._engine_overrides = engine_overrides or {}
         self.engine = WorkerClient(WorkerConfig())
         self.completions = CompletionService(self.engine, self.settings, open_texts=self.open_texts)
+        self.actions = ActionService(self.engine, self.settings, family_of=self._model_family)
+        self.action_tasks: dict[str, asyncio.Task] = {}
+        """Running actions by their work-done progress token (the user may cancel them there)."""
         self._progress_token: str | None = None
         self._told_failure = ""
 
@@ -48,6 +54,10 @@ class OffpilotServer(LanguageServer):
         merge(self.settings, settings, source="didChangeConfiguration")  # each bad value: one warning in the log
         if (dataclasses.asdict(self.settings.model), dataclasses.asdict(self.settings.worker)) != before:
             log.warning("model and worker settings changed: they take effect when the server restarts")
+
+    def _model_family(self) -> str | None:
+        template = self.completions.template() if self.engine.state == READY else None
+        return template.family if template else None
 
     def open_texts(self) -> dict[str, str]:
         return {doc.uri: doc.text for doc in self.store.documents() if not doc.desynced}
@@ -146,6 +156,9 @@ class OffpilotServer(LanguageServer):
 
     def report_server_error(self, error: Exception, source) -> None:
         # pygls's default shows a message per error; a malformed-message storm must not flood the user.
+        if isinstance(error, JsonRpcRequestCancelled):
+            log.info("%s: %s", getattr(source, "__name__", source), error)
+            return
         log.error("%s: %s", getattr(source, "__name__", source), error)
 
 
@@ -163,4 +176,11 @@ def create_server(*, model_path: str | None = None, engine_overrides: dict | Non
     inline_options = types.InlineCompletionOptions(work_done_progress=False)
     server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, inline_options)(inline.inline_completion)
     server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions(resolve_provider=False))(inline.completion)
+    action_kinds = list(actions.KIND_OF.values())
+    server.feature(types.TEXT_DOCUMENT_CODE_ACTION, types.CodeActionOptions(code_action_kinds=action_kinds, resolve_provider=True))(actions.code_action)
+    server.feature(types.CODE_ACTION_RESOLVE)(actions.resolve)
+    server.feature(types.WINDOW_WORK_DONE_PROGRESS_CANCEL)(actions.progress_cancelled)
+    server.command("offpilot.explain")(actions.explain_command)
+    server.command("offpilot.refactor")(actions.refactor_command)
+    server.command("offpilot.applyAction")(actions.apply_action)
     return server

@@ -24,6 +24,8 @@ class RawClient:
         self.response_times: dict[object, float] = {}
         self.notifications: list[dict] = []
         self.server_requests: list[dict] = []
+        self.replies: dict[str, object] = {}
+        """Results for server-to-client requests by method (default null), e.g. workspace/applyEdit."""
         self.non_frame_bytes = b""
         self._next_id = 1
         self.sent_ids: list = []
@@ -61,7 +63,7 @@ class RawClient:
     def _dispatch(self, msg: dict) -> None:
         if "method" in msg and "id" in msg:
             self.server_requests.append(msg)
-            result = [{}] * len(msg["params"]["items"]) if msg["method"] == "workspace/configuration" else None
+            result = [{}] * len(msg["params"]["items"]) if msg["method"] == "workspace/configuration" else self.replies.get(msg["method"])
             self._write({"jsonrpc": "2.0", "id": msg["id"], "result": result})
         elif "method" in msg:
             self.notifications.append(msg)

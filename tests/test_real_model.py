@@ -99,3 +99,73 @@ def test_min_tokens_keeps_the_model_from_ending_early(default_model):
     assert free.finish == "eog", free  # this spot is complete: the model ends early on its own
     held = run(free.generated_tokens)  # the end token it chose last time is now forbidden
     assert held.generated_tokens > free.generated_tokens, (free, held)
+
+
+def test_an_action_parked_for_a_completion_resumes_to_the_same_text(default_model):
+    """Lanes: the action's KV cells are parked while a completion runs, and brought back; greedy decoding
+    must then give exactly the text of an uninterrupted run (a wrong restore would change it)."""
+    from lsp_server.engine.backends import LlamaBackend
+    from lsp_server.engine.protocol import GenerationRequest
+    from lsp_server.prompts import Segment
+
+    backend = LlamaBackend({"model_path": str(default_model), "n_ctx": 2048})
+    chat = [
+        Segment("<|im_start|>user\n", True),
+        Segment("Explain in two sentences what this does:\n\ndef area(w, h):\n    return w * h\n"),
+        Segment("<|im_end|>\n<|im_start|>assistant\n", True),
+    ]
+
+    def action(**kw):
+        return GenerationRequest(segments=chat, lane="action", line_rules=False, max_tokens=40, stop=["<|im_end|>"], **kw)
+
+    fim = GenerationRequest(segments=[Segment("<|fim_prefix|>", True), Segment("def double(x):\n    return "),
+                                      Segment("<|fim_suffix|>", True), Segment("\n"), Segment("<|fim_middle|>", True)])
+    whole = backend.generate(action(), lambda: None)
+    assert whole.finish in ("eog", "length") and len(whole.text) > 20, whole
+
+    steps = iter([None] * 12 + ["yield"])
+    first = backend.generate(action(), lambda: next(steps, None))
+    assert first.finish == "yielded" and 0 < len(first.tokens) < 40, first
+    between = backend.generate(fim, lambda: None)
+    assert between.text.strip(), between
+    rest = backend.generate(action(resume_tokens=first.tokens, resume_text=first.text), lambda: None)
+    assert rest.text == whole.text, (first.text, rest.text)
+    assert rest.reused_tokens >= rest.prompt_tokens + len(first.tokens) - 1  # nothing evaluated again
+
+
+ACTION_SAMPLE = '''def count_words(text):
+    counts = {}
+    for word in text.split():
+        if word in counts:
+            counts[word] = counts[word] + 1
+        else:
+            counts[word] = 1
+    return counts
+'''
+
+
+async def test_default_model_explains_and_refactors_a_small_function(default_model):
+    """The real 0.5B model through the LSP: an explanation in prose, and a refactor that parses."""
+    from lsp_server.actions import parse_errors
+
+    uri = "file:///project/words.py"
+    client = await RawClient.start("--model", str(default_model))
+    client.replies["workspace/applyEdit"] = {"applied": True}
+    try:
+        caps = {"textDocument": {"codeAction": {"resolveSupport": {"properties": ["edit"]}}}}
+        await client.initialize(caps, {"actions": {"showDocument": False}})
+        assert (await client.wait_ready(timeout_s=120))["state"] == "ready"
+        client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": ACTION_SAMPLE}})
+        at = {"start": {"line": 2, "character": 8}, "end": {"line": 2, "character": 8}}
+        listed = (await client.request("textDocument/codeAction", {"textDocument": {"uri": uri}, "range": at, "context": {"diagnostics": []}}))["result"]
+        explain, refactor = listed[0], listed[1]
+        explained = (await client.request("workspace/executeCommand", explain["command"], timeout_s=300))["result"]
+        words = explained["markdown"].lower()
+        assert len(words.split()) >= 10 and ("word" in words or "count" in words), explained
+        resolved = (await client.request("codeAction/resolve", refactor, timeout_s=300))["result"]
+        new_text = resolved["edit"]["documentChanges"][0]["edits"][0]["newText"]
+        assert new_text.startswith("def count_words(") and new_text != ACTION_SAMPLE.rstrip("\n")
+        assert parse_errors("python", new_text + "\n") == 0, new_text
+        print("\n--- explanation ---\n" + explained["markdown"] + "\n--- refactor ---\n" + new_text)  # stdout-ok
+    finally:
+        await client.close()

@@ -143,3 +143,35 @@ def test_decode_budget_ends_a_block_at_its_next_line_end():
     assert acc.text == "a = 1\n    b = 2" and acc.finish == "budget"
     single = TextAccumulator(GenerationRequest(segments=[], single_line=True))
     assert not single.feed("x +", over_budget=True)  # single-line suggestions end at their line end anyway
+
+
+async def test_an_action_yields_to_a_completion_and_resumes_where_it_was():
+    words = " ".join(f"w{i}" for i in range(60))
+    client = await started({"outputs": ["done"], "action_outputs": [words], "token_delay_ms": 10})
+    try:
+        action = client.submit(request(lane="action", line_rules=False, max_tokens=500))
+        await asyncio.sleep(0.3)  # the action is generating
+        t0 = time.monotonic()
+        completion = client.submit(request(single_line=True))
+        result = await completion.future
+        completion_ms = (time.monotonic() - t0) * 1000
+        assert result.text == "done" and result.finish == "eog"
+        assert not action.future.done()  # it stepped aside, it was not cancelled
+        assert completion_ms < 300, completion_ms  # about one action token, then the completion's own
+        explained = await action.future
+        assert explained.text == words and explained.finish == "eog"  # nothing lost or repeated
+        assert client.max_in_flight == 1  # completions in flight, the action not counted
+    finally:
+        await client.stop()
+
+
+async def test_actions_queue_in_order_and_a_queued_one_can_be_cancelled():
+    client = await started({"action_outputs": ["first answer", "second answer", "third answer"], "token_delay_ms": 20})
+    try:
+        jobs = [client.submit(request(lane="action", line_rules=False)) for _ in range(3)]
+        client.cancel(jobs[1])
+        results = await asyncio.gather(*(j.future for j in jobs))
+        assert [r.finish for r in results] == ["eog", "cancelled", "eog"]
+        assert results[0].text == "first answer" and results[2].text == "second answer"  # the scripted turn
+    finally:
+        await client.stop()

@@ -422,6 +422,20 @@ class SyntaxService:
             self.cache.forget(key)
             return None
 
+    async def tree(self, key: str, language: str, text: str):
+        """The document's tree (incremental, cached), or None: no grammar, too large, or past the deadline."""
+        import asyncio
+
+        if languages.grammar(language) is None or len(text) > self.max_document_bytes:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self.cache.parse, key, language, text.encode("utf-8"), self.deadline_s)
+        except ParseTimeout as exc:
+            log.info("no syntax tree: %s", exc)
+            self.cache.forget(key)
+            return None
+
     async def trim(self, facts: SyntaxFacts, suggestion: str) -> str:
         import asyncio
 

@@ -7,6 +7,7 @@ cancelled or superseded request stops within one token step.
 from __future__ import annotations
 
 import codecs
+import ctypes
 import hashlib
 import json
 import logging
@@ -53,6 +54,9 @@ class LlamaBackend:
         self.vocab = self.llm._model.vocab
         is_eog = llama_cpp.llama_vocab_is_eog  # about 0.15 s for a 150k vocabulary, once per load
         self.end_token_ids = {t for t in range(self.llm.n_vocab()) if is_eog(self.vocab, t)}
+        self.lane = "completion"
+        self._parked: dict[str, tuple[bytes, list[int]]] = {}
+        self._finished_lanes: set[str] = set()
 
     def _min_tokens_processor(self, req: GenerationRequest, prompt_len: int, stop_ids: set[int]):
         """A logits processor that forbids ending the text during the first `req.min_tokens` tokens."""
@@ -93,27 +97,60 @@ class LlamaBackend:
     def _tokenize_special(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) if text else []
 
+    # ---- lanes: one model, a saved KV state per kind of work ------------------------------------------
+    def _use_lane(self, lane: str) -> None:
+        """Make `lane`'s tokens the context's: park the current lane's KV cells (sequence 0) and its token
+        list, and bring back the wanted lane's. An action that yields to a completion thus resumes
+        without evaluating its prompt again, and the completion keeps its own prefix for reuse."""
+        if lane == self.lane:
+            return
+        llm, lc = self.llm, self._llama_cpp
+        if self.lane not in self._finished_lanes and llm.n_tokens > 0:
+            size = lc.llama_state_seq_get_size(llm._ctx.ctx, 0)
+            buffer = (ctypes.c_uint8 * size)()
+            written = lc.llama_state_seq_get_data(llm._ctx.ctx, buffer, size, 0)
+            self._parked[self.lane] = (bytes(buffer[:written]), llm._input_ids[: llm.n_tokens].tolist())
+        llm._ctx.kv_cache_seq_rm(0, 0, -1)
+        llm.n_tokens = 0
+        parked = self._parked.pop(lane, None)
+        if parked is not None:
+            data, tokens = parked
+            buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            if lc.llama_state_seq_set_data(llm._ctx.ctx, buffer, len(data), 0) == len(data):
+                llm.input_ids[: len(tokens)] = tokens
+                llm.n_tokens = len(tokens)
+            else:
+                llm._ctx.kv_cache_seq_rm(0, 0, -1)
+        self.lane = lane
+
     def generate(self, req: GenerationRequest, should_stop: ShouldStop) -> GenerationResult:
         llm = self.llm
         started = time.perf_counter()
+        self._use_lane(req.lane)
+        self._finished_lanes.discard(req.lane)
         bos = [llm.token_bos()] if req.add_bos and llm.token_bos() >= 0 else []
         prompt = build_prompt_tokens(
             req.segments, tokenize_text=self._tokenize_text, tokenize_special=self._tokenize_special, bos=bos,
             max_prompt_tokens=req.max_prompt_tokens,
         ).tokens
-        room = llm.n_ctx() - req.max_tokens
+        prompt_len = len(prompt)
+        prompt = prompt + list(req.resume_tokens)
+        room = llm.n_ctx() - (req.max_tokens - len(req.resume_tokens))
         if len(prompt) > room:
-            return GenerationResult(finish="error", error=f"prompt of {len(prompt)} tokens does not fit n_ctx")
+            return GenerationResult(finish="error", error=f"prompt of {prompt_len} tokens does not fit n_ctx")
         stop_ids = set()
         for s in req.stop:
             ids = self._tokenize_special(s)
             if len(ids) == 1:
                 stop_ids.add(ids[0])
 
+        def yielded(text: str, tokens: list[int]) -> GenerationResult:
+            return GenerationResult(text=text, finish="yielded", tokens=tokens, prompt_tokens=prompt_len, reused_tokens=reused)
+
         # Reuse the longest common prefix with what is in the KV cache; evaluate the rest in chunks so a
         # newer request can stop a long prefill between chunks. The last prompt token is left for
         # generate(), which needs fresh logits to sample from.
-        cached = llm._input_ids[: llm.n_tokens].tolist() if self.reuse_kv_cache else []
+        cached = llm._input_ids[: llm.n_tokens].tolist() if self.reuse_kv_cache or req.lane != "completion" else []
         reused = 0
         for a, b in zip(cached, prompt):
             if a != b:
@@ -125,8 +162,10 @@ class LlamaBackend:
         pos = reused
         while pos < len(prompt) - 1:
             reason = should_stop() or ("timeout" if time.perf_counter() - started > req.timeout_s else None)
+            if reason == "yield":
+                return yielded(req.resume_text, list(req.resume_tokens))
             if reason:
-                return GenerationResult(finish=reason, prompt_tokens=len(prompt), reused_tokens=reused, prefill_ms=_ms(started))
+                return GenerationResult(finish=reason, prompt_tokens=prompt_len, reused_tokens=reused, prefill_ms=_ms(started))
             end = min(pos + self.chunk, len(prompt) - 1)
             llm.eval(prompt[pos:end])
             pos = end
@@ -134,18 +173,20 @@ class LlamaBackend:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         prefill_ms = 0.0
         decode_started = 0.0
-        generated = 0
+        generated = len(req.resume_tokens)
+        new_tokens: list[int] = []
         finish = "length"
-        processor = self._min_tokens_processor(req, len(prompt), stop_ids)
+        processor = self._min_tokens_processor(req, prompt_len, stop_ids)
         for token in llm.generate(prompt, temp=req.temperature, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
                                   logits_processor=processor):
-            if generated == 0:
+            if not decode_started:
                 prefill_ms = _ms(started)
                 decode_started = time.perf_counter()
             generated += 1
             if token in stop_ids or self._llama_cpp.llama_vocab_is_eog(self.vocab, token):
                 finish = "eog"
                 break
+            new_tokens.append(token)
             over = req.decode_budget_s > 0 and time.perf_counter() - decode_started > req.decode_budget_s
             if acc.feed(decoder.decode(llm.detokenize([token])), over):
                 finish = acc.finish or "stop"
@@ -154,17 +195,22 @@ class LlamaBackend:
                 finish = "length"
                 break
             reason = should_stop()
-            if reason:
+            if reason == "yield" and not decoder.getstate()[0]:  # yield only between whole characters
+                llm.n_tokens = len(prompt) + len(new_tokens) - 1  # the last token is evaluated again on resume
+                return yielded(acc.text, list(req.resume_tokens) + new_tokens)
+            if reason and reason != "yield":
                 finish = reason
                 break
             if time.perf_counter() - started > req.timeout_s:
                 finish = "timeout"
                 break
         text = acc.end(finish)
+        if req.lane != "completion":
+            self._finished_lanes.add(req.lane)  # nothing worth parking when the next lane comes
         return GenerationResult(
             text=text,
             finish=acc.finish or finish,
-            prompt_tokens=len(prompt),
+            prompt_tokens=prompt_len,
             reused_tokens=reused,
             generated_tokens=generated,
             prefill_ms=prefill_ms,
@@ -184,6 +230,7 @@ class FakeBackend:
     """A scripted model for tests. Config keys:
 
     outputs: list of strings answered in turn (default: a fixed line);
+    action_outputs: the same for the "action" lane (default: outputs);
     token_delay_ms: time per generated piece (a piece is a word, a run of spaces or a symbol);
     prefill_delay_ms: time before the first piece, checked for cancellation every prefill_chunk_ms
         (default 5; a real prefill can only stop between chunks);
@@ -200,7 +247,8 @@ class FakeBackend:
         if config.get("load_error"):
             raise RuntimeError(str(config["load_error"]))
         self.outputs = list(config.get("outputs") or ["return 42"])
-        self.calls = 0
+        self.action_outputs = list(config.get("action_outputs") or self.outputs)
+        self.calls = {"completion": 0, "action": 0}
 
     def info(self, probe_tokens: list[str]) -> dict:
         fim = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_sep|>", "<|repo_name|>", "<|endoftext|>"]
@@ -218,13 +266,20 @@ class FakeBackend:
         prompt = build_prompt_tokens(
             req.segments, tokenize_text=fake_tokenize, tokenize_special=lambda s: [0], bos=[], max_prompt_tokens=req.max_prompt_tokens
         )
-        output = self.outputs[self.calls % len(self.outputs)]
-        self.calls += 1
-        prefill_s = float(self.config.get("prefill_delay_ms", 0)) / 1000.0
+        outputs = self.action_outputs if req.lane == "action" else self.outputs
+        if req.resume_tokens:  # a yielded action: [which output, one entry per piece already given]
+            index, skip = req.resume_tokens[0], len(req.resume_tokens) - 1
+        else:
+            index, skip = self.calls.get(req.lane, 0) % len(outputs), 0
+            self.calls[req.lane] = self.calls.get(req.lane, 0) + 1
+        output = outputs[index]
+        prefill_s = 0.0 if skip else float(self.config.get("prefill_delay_ms", 0)) / 1000.0
         chunk_s = float(self.config.get("prefill_chunk_ms", 5)) / 1000.0
         deadline = time.perf_counter() + prefill_s
         while time.perf_counter() < deadline:
             reason = should_stop()
+            if reason == "yield":
+                return GenerationResult(finish="yielded", tokens=[index], prompt_tokens=len(prompt.tokens))
             if reason:
                 return GenerationResult(finish=reason, prompt_tokens=len(prompt.tokens), prefill_ms=_ms(started))
             time.sleep(min(chunk_s, max(0.0, deadline - time.perf_counter())))
@@ -232,10 +287,13 @@ class FakeBackend:
         decode_started = time.perf_counter()
         acc = TextAccumulator(req)
         finish = "eog"
-        generated = 0
+        generated = skip
         delay_s = float(self.config.get("token_delay_ms", 0)) / 1000.0
-        for piece in _FAKE_TOKEN.findall(output):
+        for piece in _FAKE_TOKEN.findall(output)[skip:]:
             reason = should_stop()
+            if reason == "yield":
+                return GenerationResult(text=acc.text, finish="yielded", tokens=[index] + [0] * generated,
+                                        prompt_tokens=len(prompt.tokens))
             if reason:
                 finish = reason
                 break

@@ -82,7 +82,8 @@ class WorkerClient:
         self._ready_event: asyncio.Event | None = None
         self.generations_started = 0
         self.max_in_flight = 0
-        """Most generations submitted to the worker and not yet finished at one time (the service keeps it at 1)."""
+        """Most completions submitted to the worker and not yet finished at one time (the service keeps it at 1)."""
+        self._lanes: dict[int, str] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -182,6 +183,7 @@ class WorkerClient:
             log.error("model load failed: %s", self._load_error)
         elif ev == "done":
             job = self._jobs.pop(int(msg["id"]), None)
+            self._lanes.pop(int(msg["id"]), None)
             if job and not job.future.done():
                 job.future.set_result(GenerationResult.from_dict(msg.get("result") or {}))
 
@@ -200,6 +202,7 @@ class WorkerClient:
             if not job.future.done():
                 job.future.set_result(GenerationResult(finish="crashed", error=f"model worker exited with {code}"))
         self._jobs.clear()
+        self._lanes.clear()
         if self._closing:
             self._set_state(STOPPED)
             return
@@ -270,12 +273,15 @@ class WorkerClient:
             job.future.set_result(GenerationResult(finish="not_ready", error=self.state))
             return job
         self._jobs[job.id] = job
-        self.max_in_flight = max(self.max_in_flight, len(self._jobs))
+        self._lanes[job.id] = request.lane
+        completions = sum(1 for lane in self._lanes.values() if lane == "completion")
+        self.max_in_flight = max(self.max_in_flight, completions)
         try:
             write_frame(self._fd_to_worker, {"op": "generate", "id": job.id, "request": request.to_dict()})
             self.generations_started += 1
         except OSError as exc:
             self._jobs.pop(job.id, None)
+            self._lanes.pop(job.id, None)
             job.future.set_result(GenerationResult(finish="crashed", error=str(exc)))
         return job
 

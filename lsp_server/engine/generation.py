@@ -10,7 +10,7 @@ class TextAccumulator:
 
     def __init__(self, request: GenerationRequest) -> None:
         self.request = request
-        self.text = ""
+        self.text = request.resume_text
         self.finish: str | None = None
         self._line_ends_at_budget: int | None = None
 
@@ -23,6 +23,8 @@ class TextAccumulator:
                 self.text = self.text[: self.text.index(stop)]
                 self.finish = "stop"
                 return True
+        if not self.request.line_rules:
+            return False
         if self.request.single_line:
             cut = _first_line_end_after_content(self.text)
             if cut is not None:
@@ -62,7 +64,7 @@ class TextAccumulator:
         """Close the suggestion; a multi-line one cut mid-line keeps only its complete lines."""
         if self.finish is None:
             self.finish = finish
-        if finish in ("length", "timeout", "cancelled") and not self.request.single_line and "\n" in self.text.strip("\n"):
+        if finish in ("length", "timeout", "cancelled") and self.request.line_rules and not self.request.single_line and "\n" in self.text.strip("\n"):
             self.text = self.text[: self.text.rstrip("\n").rfind("\n")]
         return self.text
 

@@ -35,6 +35,15 @@ class GenerationRequest:
     """After this much decoding a multi-line suggestion ends at its next line end (0: no budget)."""
     min_tokens: int = 0
     """The model may not end the text (end-of-generation or a one-token stop) before this many tokens."""
+    lane: str = "completion"
+    """"completion": latest wins, a newer one supersedes it. "action": queued, runs when no completion waits,
+    and yields to a waiting completion between tokens (its model state is kept aside and resumed)."""
+    line_rules: bool = True
+    """False: only stop strings, end-of-generation and max_tokens end the text (no line/indent/bracket rules)."""
+    resume_tokens: list[int] = field(default_factory=list)
+    """Tokens already generated for this request before it yielded; generation continues after them."""
+    resume_text: str = ""
+    """The text those tokens made."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -52,13 +61,16 @@ class GenerationRequest:
 class GenerationResult:
     text: str = ""
     finish: str = "stop"
-    """stop | length | lines | indent | brackets | budget | eog | cancelled | timeout | crashed | not_ready | error"""
+    """stop | length | lines | indent | brackets | budget | eog | cancelled | timeout | crashed | not_ready | error
+    (and, inside the worker only, yielded)"""
     prompt_tokens: int = 0
     reused_tokens: int = 0
     generated_tokens: int = 0
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     error: str = ""
+    tokens: list[int] = field(default_factory=list)
+    """Only when finish is "yielded": every token generated so far, to resume from."""
 
     @staticmethod
     def from_dict(d: dict) -> "GenerationResult":

@@ -3,6 +3,10 @@
 One generation at a time. A reader thread takes messages off the pipe while the main thread generates,
 so a cancel (or a newer job, which supersedes the waiting one) is seen within one token. When the
 server goes away (end of the pipe, or the parent dies) the worker exits.
+
+Two lanes: completions (latest wins: a newer one supersedes the waiting or running one) and actions
+(explain, refactor: queued in order). Completions come first: a running action yields between tokens
+when a completion arrives, and resumes after it from where it was (the backend parks its model state).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections import deque
 
 from .protocol import GenerationRequest, GenerationResult, read_frame, write_frame
 
@@ -26,6 +31,9 @@ class _Jobs:
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.waiting: tuple[int, GenerationRequest] | None = None
+        """The newest completion not yet started."""
+        self.actions: deque[tuple[int, GenerationRequest]] = deque()
+        """Actions not yet started or yielded, oldest first."""
         self.running_id: int | None = None
         self.cancelled: set[int] = set()
         self.closed = False
@@ -55,17 +63,25 @@ def _reader(fd_in: int, fd_out: int, jobs: _Jobs, send) -> None:
         op = msg.get("op")
         if op == "generate":
             job = (int(msg["id"]), GenerationRequest.from_dict(msg["request"]))
+            superseded = None
             with jobs.cond:
-                superseded = jobs.waiting
-                jobs.waiting = job
+                if job[1].lane == "completion":
+                    superseded = jobs.waiting
+                    jobs.waiting = job
+                else:
+                    jobs.actions.append(job)
                 jobs.cond.notify_all()
             if superseded is not None:
                 send({"ev": "done", "id": superseded[0], "result": {"finish": "cancelled"}})
         elif op == "cancel":
             job_id = int(msg["id"])
             with jobs.cond:
+                queued = [a for a in jobs.actions if a[0] == job_id]
                 if jobs.waiting is not None and jobs.waiting[0] == job_id:
                     jobs.waiting = None
+                    dropped = True
+                elif queued:
+                    jobs.actions.remove(queued[0])
                     dropped = True
                 else:
                     dropped = False
@@ -108,19 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_reader, args=(args.fd_in, args.fd_out, jobs, send), daemon=True).start()
     while True:
         with jobs.cond:
-            while jobs.waiting is None and not jobs.closed:
+            while jobs.waiting is None and not jobs.actions and not jobs.closed:
                 jobs.cond.wait()
             if jobs.closed:
                 return 0
-            job_id, request = jobs.waiting
-            jobs.waiting = None
+            if jobs.waiting is not None:
+                job_id, request = jobs.waiting
+                jobs.waiting = None
+            else:
+                job_id, request = jobs.actions.popleft()
             jobs.running_id = job_id
 
-        def should_stop(job_id: int = job_id) -> str | None:
-            if job_id in jobs.cancelled:
+        def should_stop(job_id: int = job_id, lane: str = request.lane) -> str | None:
+            if job_id in jobs.cancelled or jobs.closed:
                 return "cancelled"
-            if jobs.waiting is not None or jobs.closed:
-                return "cancelled"  # a newer job supersedes this one
+            if jobs.waiting is not None:
+                # A newer completion supersedes this one; an action steps aside for it.
+                return "cancelled" if lane == "completion" else "yield"
             return None
 
         try:
@@ -128,9 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             log.error("generation failed: %s", traceback.format_exc())
             result = GenerationResult(finish="error", error=f"{type(exc).__name__}: {exc}")
+        if result.finish == "yielded":
+            request.resume_tokens, request.resume_text = result.tokens, result.text
+            with jobs.cond:
+                jobs.actions.appendleft((job_id, request))  # first in line once the completion is done
+                jobs.running_id = None
+            continue
         with jobs.cond:
             jobs.running_id = None
             jobs.cancelled.discard(job_id)
+        result.tokens = []
         send({"ev": "done", "id": job_id, "result": result.__dict__})
 
 
