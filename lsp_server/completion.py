@@ -134,6 +134,8 @@ class CompletionService:
         self._cache: CompletionCache | None = None
         self._shown: dict[str, Shown] = {}
         self._type_through_hits = 0
+        self.last_shown: dict | None = None
+        """The last suggestion shown: its time from request to answer and where it came from (for status bars)."""
         self._model_requests = 0
         """Requests that went past the instant answers (type-through): a prefetch yields to any of them."""
         self._prefetch_task: asyncio.Task | None = None
@@ -224,6 +226,12 @@ class CompletionService:
         return Prepared(ctx, facts, request, template)
 
     async def complete(self, snapshot: Snapshot) -> Completion:
+        completion = await self._complete(snapshot)
+        if completion.text:
+            self.last_shown = {"totalMs": round(completion.timings_ms.get("total", 0.0), 1), "cache": completion.cache}
+        return completion
+
+    async def _complete(self, snapshot: Snapshot) -> Completion:
         t0 = time.perf_counter()
         self._latest += 1
         mine = self._latest

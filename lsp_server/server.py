@@ -152,6 +152,7 @@ class OffpilotServer(LanguageServer):
             "openDocuments": len(self.store),
             "plan": self.engine.info.get("plan"),
             "cache": self.completions.cache_report(),
+            "lastCompletion": self.completions.last_shown,
         }
 
     def report_server_error(self, error: Exception, source) -> None:

@@ -352,6 +352,8 @@ async def test_completions_are_answered_while_an_explanation_generates():
         waited_ms = (time.monotonic() - t0) * 1000
         assert completion["result"]["items"], completion
         assert waited_ms < 1000, waited_ms  # not behind the 3 s explanation
+        last = (await client.request("offpilot/status", {}))["result"]["lastCompletion"]
+        assert last["cache"] == "miss" and 0 < last["totalMs"] < waited_ms + 1  # for the editors' status bars
         explained = await client.wait_response(explain_id, 30)
         assert explained["result"]["markdown"] == long_answer  # resumed, whole
     finally:

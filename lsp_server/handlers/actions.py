@@ -185,7 +185,7 @@ async def _run(ls, doc, data: dict, start: int, end: int, kind: str):
     outcome = await _with_progress(ls, label, lambda: ls.actions.run(
         kind, doc.text, info.name if info else None, uri_path(doc.uri), target, instruction, diagnostic))
     current = ls.store.get(doc.uri)
-    if current is None or current.version != version or current.desynced:
+    if kind in EDIT_KINDS and (current is None or current.version != version or current.desynced):
         raise ActionError("the document changed while offpilot was working; nothing was changed, ask again")
     return label, target, outcome
 
