@@ -5,7 +5,8 @@ One server (the real model), one real source file we did not write (default: the
 json/decoder.py). The same holes (a line cut in its middle) are completed three times: idle, while
 `offpilot.explain` runs on a function of the file (a new one starts whenever the last finishes), and idle
 again. Cache and prefetch are off so every completion runs the model. Prints p50/p95 for both and the
-ratio busy/idle, how many explanations finished and how long they took.
+ratio busy/idle, how many explanations finished and how long they took, and how long the same
+explanation takes with no completions.
 
     .venv/bin/python scripts/bench_actions.py [--model M] [--file F] [--holes 10]
 """
@@ -127,6 +128,7 @@ def run(client: LspClient, text: str, uri: str, holes, function_line: int, args)
         markdown = ((reply or {}).get("result") or {}).get("markdown", "")
     idle_again = [complete(*h) for h in holes]
     idle_all = idle + idle_again
+    alone, alone_s = client.request("workspace/executeCommand", {"command": "offpilot.explain", "arguments": [explain_args]}, 600)
 
     def row(name: str, values: list[float]) -> str:
         return f"{name:<28} n={len(values):>3}  p50 {percentile(values, 0.5):8.0f} ms  p95 {percentile(values, 0.95):8.0f} ms"
@@ -138,6 +140,8 @@ def run(client: LspClient, text: str, uri: str, holes, function_line: int, args)
     print(f"completions answered while an explanation was still generating: {overlapped}/{len(busy)}")  # stdout-ok
     print(f"explanations finished: {len(explains)}, each {', '.join(f'{ms / 1000:.1f} s' for ms in explains)} "  # stdout-ok
           "(from the request, completions taking their turn first)")
+    print(f"the same explanation with no completions: {alone_s:.1f} s"  # stdout-ok
+          + ("" if alone and "result" in alone else f" (failed: {alone})"))
     if markdown:
         print("--- last explanation ---\n" + markdown)  # stdout-ok
     return 0
