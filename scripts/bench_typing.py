@@ -61,6 +61,7 @@ from holes import (  # noqa: E402
     default_python_files,
     language_for,
     log,
+    merge_options,
     parse_tree,
     percentile,
     read_source,
@@ -425,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-restart", action="store_true")
     ap.add_argument("--fake-engine", help="JSON config of the scripted model instead of a GGUF (checks the script itself)")
     ap.add_argument("--log-level", default="INFO", help="the servers' log level")
+    ap.add_argument("--settings", default="{}", help="server settings for both modes (JSON, as initializationOptions)")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench_typing-"))
     build = REPO / "build"
@@ -458,9 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         log(f"model: {model or 'scripted: ' + json.dumps(fake)}")
         log(f"sessions: {len(sessions)} ({sum(len([k for k in s.keystrokes if k[1] is not None]) for s in sessions)} keystrokes): "
             + ", ".join(s.name for s in sessions))
+        extra = json.loads(args.settings)
         modes = {
-            "offpilot": {},
-            "naive": {"cache": {"enabled": False}, "model": {"reuseKvCache": False}, "completion": {"debounceMs": 0}},
+            "offpilot": merge_options({}, extra),
+            "naive": merge_options(extra, {"cache": {"enabled": False}, "model": {"reuseKvCache": False}, "completion": {"debounceMs": 0}}),
         }
         cache_dirs = {name: tmp / f"cache-{name}" for name in modes}
         servers = {name: Server(name, model, build / f"bench_typing_{name}.log", cache_dirs[name], opts, fake=fake,

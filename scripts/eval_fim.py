@@ -82,7 +82,7 @@ from holes import (  # noqa: E402  (scripts/holes.py: sources, holes, the LSP cl
     workspace_folders,
 )
 from lsp_server import languages, prompts  # noqa: E402
-from lsp_server.config import Settings  # noqa: E402
+from lsp_server.config import Settings, merge  # noqa: E402
 
 PREFERRED_MODEL = "qwen2.5-coder-1.5b"
 NAIVE_PREFIX_LINES = 40
@@ -572,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"naive max_tokens for single-line holes (default {NAIVE_MAX_TOKENS_SINGLE})")
     ap.add_argument("--naive-max-tokens-multi", type=int, default=NAIVE_MAX_TOKENS_MULTI,
                     help=f"naive max_tokens for multi-line holes (default {NAIVE_MAX_TOKENS_MULTI})")
+    ap.add_argument("--settings", default="{}", help='server settings for the LSP path, JSON as initializationOptions, '
+                    'e.g. \'{"completion": {"maxSuffixTokens": 24}}\'')
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per LSP request (default 120)")
     ap.add_argument("--load-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
     ap.add_argument("--server-log", default=str(REPO / "build" / "eval_fim_server.log"),
@@ -622,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = default_model(args.model)
     settings = Settings()
+    merge(settings, json.loads(args.settings), source="--settings")
     cs = settings.completion
     print(f"model: {model}")
     print(
@@ -649,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"starting the server (log: {args.server_log}) ...")
         workspace = workspace_folders({lang: by_lang[lang] for lang in order})
-        lsp = LspPath(model, Path(args.server_log), args.timeout, client_name="eval_fim", keep_log=True, workspace=workspace)
+        lsp = LspPath(model, Path(args.server_log), args.timeout, client_name="eval_fim", keep_log=True, workspace=workspace,
+                      settings=json.loads(args.settings))
         lsp.start()
         log("loading the model for the naive path ...")
         t0 = time.perf_counter()

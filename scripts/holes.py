@@ -767,6 +767,17 @@ def workspace_folders(files_by_language: dict[str, list[Path]]) -> list[Path]:
 HOLE_BENCH_OPTIONS = {"cache": {"enabled": False}, "completion": {"prefetch": False}}
 
 
+def merge_options(base: dict, extra: dict) -> dict:
+    """Server settings (initializationOptions) with `extra`'s sections merged over `base`'s."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
 class LspPath:
     """The language server as an editor drives it: didOpen, inlineCompletion (timed), didClose.
 
@@ -774,8 +785,9 @@ class LspPath:
     ran (`log`) and any `reason=` fields in them (`reasons`)."""
 
     def __init__(self, model: Path, log_path: Path, timeout_s: float, client_name: str = "bench_holes",
-                 keep_log: bool = False, workspace: Iterable[Path] = ()) -> None:
+                 keep_log: bool = False, workspace: Iterable[Path] = (), settings: dict | None = None) -> None:
         self.workspace = list(workspace)
+        self.options = merge_options(HOLE_BENCH_OPTIONS, settings or {})
         self.timeout_s = timeout_s
         self.log_path = log_path
         self.client_name = client_name
@@ -801,7 +813,7 @@ class LspPath:
             "rootUri": self.workspace[0].as_uri() if self.workspace else None,
             "workspaceFolders": [{"uri": w.as_uri(), "name": w.name} for w in self.workspace] or None,
             "capabilities": caps,
-            "initializationOptions": HOLE_BENCH_OPTIONS,
+            "initializationOptions": self.options,
         }
         reply, _ = self.client.request("initialize", params, 60)
         if reply is None or "error" in reply:

@@ -12,6 +12,7 @@ from lsp_server import prompts
 from lsp_server.config import CompletionSettings
 from lsp_server.context import Snapshot, build_context, indent_unit
 from lsp_server.context.crossfile import CrossFileContext, RecentEdits, top_level_definitions
+from lsp_server.context import syntax
 from lsp_server.context.syntax import ParseTimeout, TreeCache, analyze, parse_bytes, syntax_trim
 from lsp_server.engine.backends import fake_tokenize
 
@@ -286,3 +287,21 @@ def test_analysis_window_bounds():
     last = text.rindex("x++")
     start, end = analysis_window(text, last)
     assert text[start:end].endswith("}\n") and text[end:].startswith("int other")  # a closing brace stays inside
+
+
+def test_syntax_check_stands_aside_where_the_grammar_cannot_parse_the_scope(monkeypatch):
+    # Macros the grammar cannot expand (as in libstdc++ headers) make the scope an ERROR soup (4 here);
+    # the correct `pointer` adds one more there, and a strict check would throw it away.
+    macro_heavy = (
+        "namespace box BOX_VISIBILITY(default)\n{\nBOX_BEGIN_NAMESPACE\n  struct Box\n  {\n"
+        "    [[gnu::const, nodiscard]]\n    BOX_CONSTEXPR |\n    data() noexcept\n    { return storage_(items_); }\n\n"
+        "    [[nodiscard]]\n    BOX_CONSTEXPR const_pointer\n    data() const noexcept\n    { return storage_(items_); }\n"
+        "  };\nBOX_END_NAMESPACE\n}\n"
+    )
+    facts = facts_for("cpp", macro_heavy)[0]
+    assert syntax_trim(facts, "pointer", 0.5) == "pointer"
+    monkeypatch.setattr(syntax, "UNPARSED_SCOPE_ERRORS", 10**6)
+    assert syntax_trim(facts, "pointer", 0.5) == ""  # what the strict check did
+    monkeypatch.undo()
+    # Where the grammar parses the scope, junk is still refused.
+    assert syntax_trim(facts_for("cpp", "struct A {\n  int |\n  int y;\n};\n")[0], "x) {{", 0.5) != "x) {{"

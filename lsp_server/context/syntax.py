@@ -358,15 +358,25 @@ def error_signatures(node, start_byte: int, end_byte: int, insert_at: int, inser
     return sorted(out)
 
 
+UNPARSED_SCOPE_ERRORS = 3
+"""A top-level scope with this many ERROR/MISSING nodes before the suggestion is beyond the grammar."""
+
+
 def syntax_trim(facts: SyntaxFacts, suggestion: str, deadline_s: float, max_parses: int = 24) -> str:
     """The longest prefix of `suggestion` (cut at line or token boundaries) that, inserted at the cursor,
     does not make the enclosing scope parse worse: it leaves fewer ERROR/MISSING nodes than before, or
     exactly the same ones and none over the inserted text (one error must not be traded for another).
     Returns "" when no prefix passes; returns the suggestion unchanged when the check runs out of time."""
     root = facts.tree.root_node
+    scope_start, scope_end = scope_range(root, facts.cursor_byte)
+    if count_errors(root, scope_start, scope_end) >= UNPARSED_SCOPE_ERRORS:
+        # The grammar does not understand this code (macros it cannot expand, a dialect): its verdict on
+        # the suggestion would be noise, and correct text would be thrown away. Keep the model's text.
+        log.debug("syntax check skipped: the scope already has %d+ parse errors", UNPARSED_SCOPE_ERRORS)
+        return suggestion
     # From the enclosing top-level scope to the end of the file: a brace the suggestion leaves open
     # shows up as a MISSING node at the very end.
-    start, end = scope_range(root, facts.cursor_byte)[0], len(facts.data)
+    start, end = scope_start, len(facts.data)
     baseline = error_signatures(root, start, end, facts.cursor_byte, 0)
     stop_at = time.monotonic() + deadline_s
     cursor = facts.cursor_byte
