@@ -1,4 +1,5 @@
--- :Offpilot {status|enable|disable|toggle|restart}. Nothing starts until require('offpilot').setup().
+-- :Offpilot {status|enable|disable|toggle|restart|explain|refactor|cancel}. Nothing starts until
+-- require('offpilot').setup().
 if vim.g.loaded_offpilot then
   return
 end
@@ -42,6 +43,27 @@ local subcommands = {
       end
     end, 500)
   end,
+  -- [range]Offpilot explain: the function or class at the cursor, or the lines, in a float.
+  explain = function(args)
+    require('offpilot').explain({
+      line1 = args.range > 0 and args.line1 or nil,
+      line2 = args.range > 0 and args.line2 or nil,
+    })
+  end,
+  -- [range]Offpilot refactor [goal]: without a goal, it is asked for (empty: the default goal).
+  refactor = function(args)
+    local goal = table.concat(vim.list_slice(args.fargs, 2), ' ')
+    require('offpilot').refactor({
+      line1 = args.range > 0 and args.line1 or nil,
+      line2 = args.range > 0 and args.line2 or nil,
+      instruction = goal ~= '' and goal or nil,
+    })
+  end,
+  cancel = function()
+    if require('offpilot').cancel() == 0 then
+      vim.notify('offpilot: no action is running')
+    end
+  end,
 }
 
 vim.api.nvim_create_user_command('Offpilot', function(args)
@@ -50,13 +72,20 @@ vim.api.nvim_create_user_command('Offpilot', function(args)
     vim.notify('offpilot: unknown subcommand ' .. args.fargs[1], vim.log.levels.ERROR)
     return
   end
-  sub()
+  sub(args)
 end, {
-  nargs = '?',
-  desc = 'offpilot: status, enable, disable, toggle, restart',
-  complete = function(lead)
-    return vim.tbl_filter(function(name)
+  nargs = '*',
+  range = true,
+  desc = 'offpilot: status, enable, disable, toggle, restart, explain, refactor, cancel',
+  complete = function(lead, line)
+    local words = vim.split(line, '%s+', { trimempty = true })
+    if #words > (lead == '' and 1 or 2) then
+      return {} -- a subcommand's arguments (refactor's goal)
+    end
+    local names = vim.tbl_filter(function(name)
       return vim.startswith(name, lead)
     end, vim.tbl_keys(subcommands))
+    table.sort(names)
+    return names
   end,
 })

@@ -19,6 +19,13 @@ function M.request_sync(client, method, params, timeout_ms, bufnr)
   return client.request_sync(method, params, timeout_ms, bufnr)
 end
 
+function M.notify(client, method, params)
+  if M.has_011 then
+    return client:notify(method, params)
+  end
+  return client.notify(method, params)
+end
+
 function M.cancel_request(client, id)
   if M.has_011 then
     return client:cancel_request(id)

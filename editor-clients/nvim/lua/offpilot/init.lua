@@ -29,8 +29,11 @@ local defaults = {
   --- The workspace root is the nearest folder above the file with one of these (else the file's folder).
   root_markers = { '.git', 'pyproject.toml', 'setup.py', 'package.json', 'go.mod', 'Cargo.toml', 'pom.xml' },
   --- Server settings, sent as initializationOptions (see `offpilot` README's settings table), e.g.
-  --- { completion = { maxLines = 6 }, model = { name = 'qwen2.5-coder-1.5b' } }.
-  init_options = {},
+  --- { completion = { maxLines = 6 }, model = { name = 'qwen2.5-coder-1.5b' } }; merged over these.
+  init_options = {
+    -- Explanations open in a float here; the server need not also open them as a file.
+    actions = { showDocument = false },
+  },
   --- Extra client capabilities, merged over Neovim's own.
   capabilities = {},
   --- Ask for a suggestion while typing (after `debounce_ms` without a keystroke or cursor move).
@@ -52,6 +55,9 @@ local defaults = {
 }
 
 M.config = vim.deepcopy(defaults)
+
+--- Options that are lists: a list given to setup() replaces the default instead of merging with it.
+local list_options = { cmd = true, filetypes = true, root_markers = true }
 
 local function uses_native()
   if M.config.native == 'auto' then
@@ -95,6 +101,13 @@ local function capabilities()
   caps.textDocument = caps.textDocument or {}
   -- Neovim < 0.12 does not say it; the server then answers textDocument/completion with the model too.
   caps.textDocument.inlineCompletion = caps.textDocument.inlineCompletion or { dynamicRegistration = false }
+  -- vim.lsp.util.apply_workspace_edit() applies documentChanges (the server's versioned edits), though
+  -- Neovim does not say so.
+  caps.workspace = caps.workspace or {}
+  caps.workspace.workspaceEdit = caps.workspace.workspaceEdit or {}
+  if caps.workspace.workspaceEdit.documentChanges == nil then
+    caps.workspace.workspaceEdit.documentChanges = true
+  end
   return vim.tbl_deep_extend('force', caps, M.config.capabilities or {})
 end
 
@@ -126,26 +139,109 @@ function M.show_markdown(markdown, opts)
     max_height = math.max(5, math.floor(vim.o.lines * 0.6)),
     wrap = true,
   })
-  return vim.lsp.util.open_floating_preview(lines, 'markdown', opts)
+  -- Called again with the same text, Neovim's preview enters the float (to scroll it); other text (the
+  -- next explanation) replaces it.
+  local buf = api.nvim_get_current_buf()
+  for _, win in ipairs(api.nvim_list_wins()) do
+    if vim.w[win][opts.focus_id] == buf and vim.w[win].offpilot_markdown ~= markdown then
+      api.nvim_win_close(win, true)
+    end
+  end
+  local fbuf, fwin = vim.lsp.util.open_floating_preview(lines, 'markdown', opts)
+  if fwin and api.nvim_win_is_valid(fwin) then
+    vim.w[fwin].offpilot_markdown = markdown
+  end
+  return fbuf, fwin
+end
+
+--- A command's Markdown result (an explanation: { title, markdown }) in a float; false when it has none.
+function M.show_result(result)
+  local markdown = M.markdown_of(result)
+  if not markdown or markdown == '' then
+    return false
+  end
+  local title = type(result) == 'table' and type(result.title) == 'string' and result.title ~= ''
+    and (' ' .. result.title:gsub('^offpilot: ', '') .. ' ')
+    or nil
+  M.show_markdown(markdown, { title = title })
+  return true
+end
+
+--- Errors of workspace/executeCommand, except a cancel the user asked for (:Offpilot cancel).
+function M.report_error(err)
+  if err and err.code ~= vim.lsp.protocol.ErrorCodes.RequestCancelled then
+    vim.notify('offpilot: ' .. tostring(err.message or err), vim.log.levels.ERROR)
+  end
 end
 
 --- workspace/executeCommand replies (code actions run through it): Markdown results (an explanation)
 --- go to a float, errors to a message.
 local function on_execute_command(err, result)
   if err then
-    vim.notify('offpilot: ' .. tostring(err.message or err), vim.log.levels.ERROR)
+    M.report_error(err)
     return
   end
-  local markdown = M.markdown_of(result)
-  if markdown and markdown ~= '' then
-    M.show_markdown(markdown)
-  end
+  M.show_result(result)
 end
 
 --- Code actions at the cursor or for the selection: Neovim's own vim.lsp.buf.code_action(), which
 --- lists the actions of every attached server, offpilot's among them.
 function M.code_action(opts)
   return vim.lsp.buf.code_action(opts)
+end
+
+--- Explain the code at the cursor (the function or class around it), a line range or the visual
+--- selection, in a floating window. See offpilot.actions.
+function M.explain(opts)
+  return require('offpilot.actions').explain(opts)
+end
+
+--- Refactor it, towards opts.instruction or a goal asked for with vim.ui.input (empty: the default).
+function M.refactor(opts)
+  return require('offpilot.actions').refactor(opts)
+end
+
+--- Work the model is doing for an action (explain, refactor, a resolved code action), per client id:
+--- progress token -> what (the server reports it as cancellable work-done progress).
+local running = {}
+
+local function on_progress(client, token, value)
+  if value.kind == 'begin' and value.cancellable then
+    running[client.id] = running[client.id] or {}
+    running[client.id][token] = (value.message or value.title or 'working'):gsub('^offpilot: ', '')
+    local what = running[client.id][token]
+    vim.notify(('offpilot: %s… (:Offpilot cancel stops it)'):format(what), vim.log.levels.INFO)
+  elseif value.kind == 'end' and running[client.id] then
+    running[client.id][token] = nil
+  end
+end
+
+--- What the model is working on for actions now: a list of { client_id, token, what }.
+function M.running()
+  local out = {}
+  for client_id, tokens in pairs(running) do
+    if vim.lsp.get_client_by_id(client_id) then
+      for token, what in pairs(tokens) do
+        out[#out + 1] = { client_id = client_id, token = token, what = what }
+      end
+    else
+      running[client_id] = nil -- the server stopped
+    end
+  end
+  return out
+end
+
+--- Stop every action the model is working on (window/workDoneProgress/cancel); returns how many.
+function M.cancel()
+  local count = 0
+  for _, item in ipairs(M.running()) do
+    local client = vim.lsp.get_client_by_id(item.client_id)
+    if client and not compat.is_stopped(client) then
+      compat.notify(client, 'window/workDoneProgress/cancel', { token = item.token })
+      count = count + 1
+    end
+  end
+  return count
 end
 
 --- Start the server for `buf` (or attach the buffer to the one already running).
@@ -275,10 +371,9 @@ end
 
 function M.setup(opts)
   M.config = vim.tbl_deep_extend('force', vim.deepcopy(defaults), opts or {})
-  local is_list = vim.islist or vim.tbl_islist
-  for key, value in pairs(opts or {}) do
-    if type(value) == 'table' and is_list(value) then
-      M.config[key] = vim.deepcopy(value) -- a list (filetypes, root_markers, cmd) replaces the default whole
+  for key in pairs(list_options) do
+    if type((opts or {})[key]) == 'table' then
+      M.config[key] = vim.deepcopy(opts[key]) -- a list replaces the default whole
     end
   end
   api.nvim_set_hl(0, 'OffpilotGhost', { link = 'Comment', default = true })
@@ -314,7 +409,13 @@ function M.setup(opts)
       local data = args.data or {}
       local client = data.client_id and vim.lsp.get_client_by_id(data.client_id)
       local value = data.params and data.params.value
-      if client and client.name == M.client_name and type(value) == 'table' and value.kind == 'end' then
+      if not (client and client.name == M.client_name and type(value) == 'table') then
+        return
+      end
+      local token = data.params.token
+      if value.cancellable or (running[client.id] and running[client.id][token]) then
+        on_progress(client, token, value) -- an action
+      elseif value.kind == 'end' then
         -- The model is loaded: suggestions asked for while it loaded were empty.
         if not uses_native() then
           require('offpilot.ghost').retry_all()
