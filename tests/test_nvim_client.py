@@ -26,15 +26,28 @@ DRIVER = REPO / "editor-clients" / "nvim" / "tests" / "run.lua"
 # One scripted answer for every request: a single-line request (text left of the cursor) gets its
 # first line, a block request (an empty line) both. 60 ms a piece: an answer takes ~0.4 s, so keys
 # typed in the typing scenario catch requests in flight.
-FAKE_MODEL = {"outputs": ["a + b\n    return a + b"], "token_delay_ms": 60}
+# The action lane's scripted answers, in the order the action scenarios ask for them.
+REFACTORED = "def area(width, height):\n    return width * height"
+EXPLAINED = "It multiplies `w` by `h`."
+EXPLAINED_SELECTION = "Two functions."
+ACTION_OUTPUTS = [REFACTORED, EXPLAINED, EXPLAINED_SELECTION, REFACTORED, " ".join(["word"] * 300)]
+FAKE_MODEL = {"outputs": ["a + b\n    return a + b"], "action_outputs": ACTION_OUTPUTS, "token_delay_ms": 60}
 ADD = "def add(a, b):\n    return "
+SHAPES = "import math\n\n\ndef area(w, h):\n    return w * h\n\n\ndef circle(r):\n    return math.pi * r * r\n"
+SHAPES_REFACTORED = SHAPES.replace("def area(w, h):\n    return w * h", REFACTORED)
+GREET = 'def area(w, h):\n    return w * h\n\n\ndef greet(name):\n    return "héllo " + name\n'
 FILES = {  # scenario -> the text of its file, in the order they run
     "text_pieces": "",
+    "setup_options": "",
     "markdown_float": "",
     "accept_all": ADD,
     "accept_partial": "def add(a, b):\n    \n",
     "typing": ADD,
     "health": "x = 1\n",
+    "action_refactor": SHAPES,
+    "action_explain": GREET,
+    "action_command": SHAPES,
+    "action_cancel": SHAPES,
 }
 
 
@@ -87,7 +100,8 @@ def run_session(nvim: Path, folder: Path, timeout_s: float = 60.0) -> dict:
             "OFFPILOT_TEST_RESULT": str(folder / "result.json"),
             "OFFPILOT_TEST_DRIVER": str(DRIVER),
             "OFFPILOT_TEST_CMD": json.dumps(
-                [sys.executable, "-m", "lsp_server", "serve", "--fake-engine", json.dumps(FAKE_MODEL)]
+                [sys.executable, "-m", "lsp_server", "serve", "--fake-engine",
+                 json.dumps({**FAKE_MODEL, "record_path": str(folder / "requests.jsonl")})]
             ),
         }
     )
@@ -236,7 +250,7 @@ def test_checkhealth_reports_neovim_the_command_and_the_server(session):
 
 
 def test_one_server_for_all_buffers(session):
-    for name in ("accept_all", "accept_partial", "typing", "health"):
+    for name in ("accept_all", "accept_partial", "typing", "health", "action_refactor", "action_explain"):
         scenario(session, name)
     assert session["clients"] == 1
 
@@ -263,3 +277,87 @@ def test_markdown_in_a_float(session):
     assert any("It adds `a` and `b`." in line for line in float_["lines"]), float_["lines"]
     assert float_["cursor_stays"]  # the float does not take the cursor
     assert part["markdown_of"] == ["x", "y", "z", None]
+
+
+# ---- code actions, :Offpilot explain / refactor / cancel ---------------------------------------------------------
+
+
+def _action_prompts(session: dict) -> list[str]:
+    """The prompts of the action lane's generations, in order (the fake engine's record_path)."""
+    records = [json.loads(line) for line in (session["folder"] / "requests.jsonl").read_text().splitlines()]
+    return ["".join(seg["text"] for seg in r["segments"]) for r in records if r["lane"] == "action"]
+
+
+def test_a_refactor_code_action_is_resolved_lazily_and_applied_by_neovim(session):
+    part = scenario(session, "action_refactor")
+    steps = _steps(part)
+    # Neovim 0.11 declares codeAction.resolveSupport for "edit": the edit actions come without edit and
+    # without command, and vim.lsp.buf.code_action() asks codeAction/resolve for the edit.
+    assert part["listed"] == [
+        {"title": "offpilot: Explain function `area`", "kind": "offpilot.explain", "edit": False, "command": "offpilot.explain"},
+        {"title": "offpilot: Refactor function `area`", "kind": "refactor.rewrite", "edit": False, "command": None},
+        {"title": "offpilot: Add docstring/comments to function `area`", "kind": "refactor.rewrite.docstring", "edit": False,
+         "command": None},
+    ]
+    # The versioned, annotated edit is applied as is (Neovim 0.11 ignores the needsConfirmation annotation).
+    assert steps["applied"]["lines"] == SHAPES_REFACTORED.split("\n")[:-1]
+    assert steps["undone"]["lines"] == SHAPES.split("\n")[:-1]  # one undo step
+    assert (session["folder"] / "demo_action_refactor.py").read_text() == SHAPES_REFACTORED
+
+
+def test_explain_shows_the_explanation_in_a_float(session):
+    part = scenario(session, "action_explain")
+    at_cursor = part["cursor_float"]
+    assert at_cursor["lines"] == [EXPLAINED] and at_cursor["filetype"] == "markdown"
+    assert at_cursor["title"] == " Explain function `area` " and at_cursor["cursor_stays"]
+    # From visual mode: the selection, from `return` on line 2 to the é of "héllo" on line 6.
+    selection = part["visual_float"]
+    assert selection["lines"] == [EXPLAINED_SELECTION] and selection["title"] == " Explain lines 2-6 "
+    assert part["mode_after"] == "n"
+    prompts = _action_prompts(session)
+    assert "def area(w, h):" in prompts[1] and "def greet" not in prompts[1]  # the function at the cursor
+    assert "def greet(name):\n    return \"héllo \" + name" in prompts[2]  # the selection, widened to whole lines
+    # The selection's end is after the é, in each encoding's units (Neovim's make_given_range_params
+    # would end inside it in UTF-8, a range the server refuses).
+    assert part["ranges"] == {"utf-8": [1, 4, 5, 15], "utf-16": [1, 4, 5, 14], "utf-32": [1, 4, 5, 14]}
+    assert part["lines_range"] == [4, 0, 5, 26]
+    # The plugin sends actions.showDocument = false (merged with the user's options): the server opened
+    # no Markdown file.
+    assert part["init_options"] == {"actions": {"showDocument": False}, "completion": {"prefetch": False}}
+    assert not [name for name in part["buffers"] if name.endswith(".md")], part["buffers"]
+
+
+def test_refactor_command_sends_the_goal_typed_at_the_prompt(session):
+    part = scenario(session, "action_command")
+    steps = _steps(part)
+    assert part["asked"] == ["offpilot refactor, goal (empty: simpler and clearer): "] * 2
+    assert steps["refactored"]["lines"] == SHAPES_REFACTORED.split("\n")[:-1]
+    prompt = _action_prompts(session)[3]
+    assert "Goal: use full parameter names" in prompt and "def area(w, h):\n    return w * h" in prompt
+    assert "def circle" not in prompt  # lines 4-5 only
+    # A cancelled prompt sends nothing: no generation, no change.
+    assert part["generations_after_cancel"] == 0
+    assert steps["prompt cancelled"]["lines"] == SHAPES_REFACTORED.split("\n")[:-1]
+    assert (session["folder"] / "demo_action_command.py").read_text() == SHAPES_REFACTORED
+
+
+def test_cancel_stops_an_action_the_model_is_writing(session):
+    part = scenario(session, "action_cancel")
+    assert part["running"] == "Explain function `area`"
+    assert part["sent"] and part["pending_before"]
+    # Ended within a token or so (the scripted answer would take 36 s), with RequestCancelled: no result,
+    # no error shown.
+    assert part["cancel_ms"] < 2000 and part["replied"] is False
+    assert part["float"] is False
+    assert "offpilot: Explain function `area`… (:Offpilot cancel stops it)" in part["messages"]
+    assert "ERROR" not in part["messages"] and "cancelled by the user" not in part["messages"]
+
+
+def test_init_options_default_to_no_show_document_and_the_users_win(session):
+    part = scenario(session, "setup_options")
+    assert part["init_options"] == [
+        {"actions": {"showDocument": False}},
+        {"actions": {"showDocument": False}},  # an empty table is not a list that replaces the default
+        {"actions": {"showDocument": True}, "completion": {"maxLines": 3}},
+    ]
+    assert part["filetypes"] == ["none"]  # a list still replaces the default list

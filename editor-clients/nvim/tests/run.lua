@@ -203,6 +203,22 @@ function scenarios.text_pieces()
   current.end_of = { { text.end_of(1, 4, 'ab') }, { text.end_of(1, 4, 'ab\n  cd') } }
 end
 
+-- setup()'s merge of the user's options with the defaults (before the server is started by setup_once).
+function scenarios.setup_options()
+  local offpilot = require('offpilot')
+  current.init_options = {}
+  for _, opts in ipairs({
+    {},
+    { init_options = {} },
+    { init_options = { actions = { showDocument = true }, completion = { maxLines = 3 } } },
+  }) do
+    offpilot.setup(vim.tbl_extend('force', opts, { filetypes = { 'none' } }))
+    current.init_options[#current.init_options + 1] = offpilot.config.init_options
+  end
+  current.filetypes = offpilot.config.filetypes
+  offpilot.config.cmd = nil -- setup_once sets the test's options up
+end
+
 -- Markdown (an explanation, later) in a float, and what counts as Markdown in a command result.
 function scenarios.markdown_float()
   local offpilot = require('offpilot')
@@ -369,6 +385,192 @@ function scenarios.health(name)
   current.health = lines()
 end
 
+-- ---- code actions and :Offpilot explain / refactor ----------------------------------------------------
+
+local function offpilot_client(buf)
+  return vim.lsp.get_clients({ bufnr = buf, name = 'offpilot' })[1]
+end
+
+--- The float show_markdown() opened for `buf`, as { lines, title, filetype, win }.
+local function markdown_float(buf)
+  for _, win in ipairs(api.nvim_list_wins()) do
+    local config = api.nvim_win_get_config(win)
+    if config.relative ~= '' and vim.w[win]['offpilot-markdown'] == buf then
+      local fbuf = api.nvim_win_get_buf(win)
+      local title = {}
+      for _, chunk in ipairs(type(config.title) == 'table' and config.title or {}) do
+        title[#title + 1] = chunk[1]
+      end
+      return {
+        win = win,
+        lines = api.nvim_buf_get_lines(fbuf, 0, -1, false),
+        title = table.concat(title),
+        filetype = vim.bo[fbuf].filetype,
+      }
+    end
+  end
+end
+
+local function generations()
+  return require('offpilot').status(nil, 1000).generationsStarted
+end
+
+-- Neovim's own code-action UI: a refactor, listed without its edit, resolved (codeAction/resolve) and
+-- applied; one undo step takes it back.
+function scenarios.action_refactor(name)
+  local buf = open(name)
+  local client = offpilot_client(buf)
+  api.nvim_win_set_cursor(0, { 5, 8 }) -- in `area`
+  local params = vim.lsp.util.make_range_params(0, client.offset_encoding)
+  params.context = { diagnostics = {} }
+  local listed = require('offpilot.compat').request_sync(client, 'textDocument/codeAction', params, 3000, buf)
+  current.listed = {}
+  for _, action in ipairs(listed.result or {}) do
+    current.listed[#current.listed + 1] = {
+      title = action.title,
+      kind = action.kind,
+      edit = action.edit ~= nil,
+      command = type(action.command) == 'table' and action.command.command or vim.NIL,
+    }
+  end
+  local before = lines()
+  vim.lsp.buf.code_action({
+    filter = function(action)
+      return action.kind == 'refactor.rewrite'
+    end,
+    apply = true,
+  })
+  wait_for('the refactored function', function()
+    return not vim.deep_equal(lines(), before)
+  end)
+  record('applied')
+  vim.cmd('undo')
+  record('undone')
+  vim.cmd('redo')
+  vim.cmd('write')
+  record('written')
+end
+
+-- :Offpilot explain at the cursor, then from a visual-mode mapping over a selection that ends on a
+-- two-byte character.
+function scenarios.action_explain(name)
+  local buf = open(name)
+  local client = offpilot_client(buf)
+  current.init_options = client.config.init_options -- the plugin's defaults merged with the test's
+  local win = api.nvim_get_current_win()
+  api.nvim_win_set_cursor(0, { 2, 8 }) -- in `area`
+  vim.cmd('Offpilot explain')
+  current.cursor_float = wait_for('the explanation float', function()
+    return markdown_float(buf)
+  end)
+  current.cursor_float.cursor_stays = api.nvim_get_current_win() == win
+  current.cursor_float.win = nil
+  api.nvim_win_close(markdown_float(buf).win, true)
+
+  -- The ranges sent for a selection from `return` (line 2) to the é of "héllo" (line 6), per encoding:
+  -- the é is 2 bytes, 1 UTF-16 unit, 1 code point.
+  local function range_of(encoding, opts)
+    local range = require('offpilot.actions').target({ offset_encoding = encoding }, buf, opts).range
+    return { range.start.line, range.start.character, range['end'].line, range['end'].character }
+  end
+  local from, to = { 2, 4 }, { 6, 13 }
+  current.ranges = {}
+  for _, encoding in ipairs({ 'utf-8', 'utf-16', 'utf-32' }) do
+    current.ranges[encoding] = range_of(encoding, { range = { start = from, ['end'] = to } })
+  end
+  current.lines_range = range_of('utf-16', { line1 = 5, line2 = 6 })
+
+  vim.keymap.set('x', '<F5>', function()
+    require('offpilot').explain()
+  end, { buffer = buf })
+  api.nvim_win_set_cursor(0, from)
+  feed('v')
+  wait_for('visual mode', function()
+    return api.nvim_get_mode().mode == 'v'
+  end, 2000)
+  api.nvim_win_set_cursor(0, to)
+  feed('<F5>')
+  current.visual_float = wait_for('the explanation of the selection', function()
+    local float = markdown_float(buf)
+    return float and float.title ~= current.cursor_float.title and float
+  end)
+  current.visual_float.win = nil
+  current.mode_after = api.nvim_get_mode().mode
+  -- No window/showDocument (the plugin sends actions.showDocument = false): no Markdown file opened.
+  current.buffers = {}
+  for _, b in ipairs(api.nvim_list_bufs()) do
+    current.buffers[#current.buffers + 1] = vim.fn.fnamemodify(api.nvim_buf_get_name(b), ':t')
+  end
+  local float = markdown_float(buf)
+  api.nvim_win_close(float.win, true)
+end
+
+-- :[range]Offpilot refactor with the goal typed into vim.ui.input (stubbed); a cancelled prompt sends
+-- nothing.
+function scenarios.action_command(name)
+  local buf = open(name)
+  local input = vim.ui.input
+  local answers = { 'use full parameter names', nil }
+  local asked = {}
+  vim.ui.input = function(opts, on_confirm)
+    asked[#asked + 1] = opts.prompt
+    on_confirm(answers[#asked])
+  end
+  local ok, err = pcall(function()
+    local before = lines()
+    vim.cmd('4,5Offpilot refactor')
+    wait_for('the refactored lines', function()
+      return not vim.deep_equal(lines(), before)
+    end)
+    record('refactored')
+    local started = generations()
+    api.nvim_win_set_cursor(0, { 9, 4 }) -- in `circle`
+    vim.cmd('Offpilot refactor')
+    sleep(300)
+    current.generations_after_cancel = generations() - started
+    record('prompt cancelled')
+    vim.cmd('write')
+  end)
+  vim.ui.input = input
+  current.asked = asked
+  if not ok then
+    error(err, 0)
+  end
+end
+
+-- :Offpilot cancel stops an explanation the model is still writing.
+function scenarios.action_cancel(name)
+  local buf = open(name)
+  api.nvim_win_set_cursor(0, { 5, 8 })
+  local client = offpilot_client(buf)
+  local replied = false
+  local sent, id = require('offpilot').explain({
+    on_result = function()
+      replied = true
+    end,
+  })
+  current.sent = sent
+  wait_for('the action under way', function()
+    return #require('offpilot').running() > 0
+  end)
+  current.running = require('offpilot').running()[1].what
+  current.pending_before = client.requests[id] ~= nil
+  vim.cmd('Offpilot cancel')
+  local t = vim.uv.now()
+  -- The server answers RequestCancelled, which Neovim's RPC layer takes as the end of the request
+  -- without calling its handler.
+  wait_for('the request to end', function()
+    return client.requests[id] == nil
+  end, 5000)
+  current.cancel_ms = vim.uv.now() - t
+  current.replied = replied
+  wait_for('the progress ended', function()
+    return #require('offpilot').running() == 0
+  end, 2000)
+  current.float = markdown_float(buf) and true or false
+  current.messages = api.nvim_exec2('messages', { output = true }).output
+end
+
 local function run_all()
   for name in vim.gsplit(os.getenv('OFFPILOT_TEST_SCENARIOS') or '', ',', { trimempty = true }) do
     current = { steps = {} }
@@ -389,7 +591,7 @@ end
 
 -- Whatever happens, write a result and quit well before the Python side's timeout.
 vim.defer_fn(function()
-  finish('the scenarios did not finish within 40 s')
-end, 40000)
+  finish('the scenarios did not finish within 50 s')
+end, 50000)
 co = coroutine.create(run_all)
 vim.schedule(step)
