@@ -370,3 +370,16 @@ async def test_bad_command_arguments_get_invalid_params():
         assert "result" in reply and "edit" not in reply["result"]
     finally:
         await client.close()
+
+
+async def test_clients_without_versioned_edits_get_a_plain_edit_of_the_same_range():
+    caps = {**CAPS, "workspace": {"applyEdit": True}}
+    client = await serve([REFACTORED], caps=caps)
+    try:
+        action = (await list_actions(client))[1]
+        resolved = (await client.request("codeAction/resolve", action, timeout_s=20))["result"]
+        assert "documentChanges" not in resolved["edit"]
+        [edit] = resolved["edit"]["changes"][URI]
+        assert edit["range"]["start"] == {"line": 3, "character": 0} and edit["newText"].startswith("def area(width")
+    finally:
+        await client.close()

@@ -69,11 +69,9 @@ async def code_action(ls, params: types.CodeActionParams) -> list[types.CodeActi
     if doc is None or doc.desynced:
         return None
     encoding = ls.position_encoding
-    try:
-        start = doc.offset_at(params.range.start.line, params.range.start.character, encoding, strict=True)
-        end = doc.offset_at(params.range.end.line, params.range.end.character, encoding, strict=True)
-    except ValueError:
-        return None
+    # Listing reads the range leniently (clamped): some clients end a selection inside a character.
+    start = doc.offset_at(params.range.start.line, params.range.start.character, encoding)
+    end = doc.offset_at(params.range.end.line, params.range.end.character, encoding)
     only = params.context.only
     actions: list[types.CodeAction] = []
     target = await _target(ls, doc, start, end)
@@ -191,14 +189,24 @@ async def _run(ls, doc, data: dict, start: int, end: int, kind: str):
 
 
 def _edit(ls, doc, target: ActionTarget, new_text: str, label: str) -> types.WorkspaceEdit:
+    """A versioned TextDocumentEdit with a change annotation that needs confirmation, as far as the client
+    declared it can take them (else a plain edit of the same range)."""
+    caps = ls.protocol.client_capabilities
+    workspace_edit = caps and caps.workspace and caps.workspace.workspace_edit
+    text_range = _range(doc, target, ls.position_encoding)
+    if not (workspace_edit and workspace_edit.document_changes):
+        return types.WorkspaceEdit(changes={doc.uri: [types.TextEdit(range=text_range, new_text=new_text)]})
+    annotated = workspace_edit.change_annotation_support is not None
     annotation = "offpilot"
+    edit = (types.AnnotatedTextEdit(range=text_range, new_text=new_text, annotation_id=annotation) if annotated
+            else types.TextEdit(range=text_range, new_text=new_text))
     return types.WorkspaceEdit(
         document_changes=[types.TextDocumentEdit(
-            text_document=types.OptionalVersionedTextDocumentIdentifier(uri=doc.uri, version=doc.version),
-            edits=[types.AnnotatedTextEdit(range=_range(doc, target, ls.position_encoding), new_text=new_text, annotation_id=annotation)],
+            text_document=types.OptionalVersionedTextDocumentIdentifier(uri=doc.uri, version=doc.version), edits=[edit],
         )],
-        change_annotations={annotation: types.ChangeAnnotation(label=label, needs_confirmation=True,
-                                                               description="written by the local model; review before applying")},
+        change_annotations={annotation: types.ChangeAnnotation(
+            label=label, needs_confirmation=True, description="written by the local model; review before applying",
+        )} if annotated else None,
     )
 
 
