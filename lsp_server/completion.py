@@ -236,6 +236,8 @@ class CompletionService:
         self._latest += 1
         mine = self._latest
         self._note_keystroke(t0)
+        if not self.settings.completion.enabled:
+            return Completion("", "disabled")
         shown = self._shown.get(snapshot.uri)
         if shown is not None and self.cache is not None:
             rest = shown.rest_after_typing(snapshot)

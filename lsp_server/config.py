@@ -158,7 +158,7 @@ def _coerce(value: Any, typ: type) -> Any:
 
 def _check(section: str, name: str, value: Any) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        allowed_negative = {("model", "n_gpu_layers")}
+        allowed_negative = {("model", "n_gpu_layers"), ("completion", "debounce_ms")}  # -1: automatic
         if value < 0 and (section, name) not in allowed_negative:
             raise ValueError(f"must not be negative, got {value}")
 

@@ -253,6 +253,12 @@ async def test_settings_change_applies_to_the_next_request():
         client.notify("workspace/didChangeConfiguration", {"settings": {"offpilot": {"completion": {"enabled": False}}}})
         reply = await client.request("textDocument/inlineCompletion", inline_params(uri, 1, 11))
         assert reply["result"] == {"items": []}
+        client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": 2}, "contentChanges": [
+            {"range": {"start": {"line": 1, "character": 11}, "end": {"line": 1, "character": 11}}, "text": "a"}]})
+        reply = await client.request("textDocument/inlineCompletion", inline_params(uri, 1, 12))
+        assert reply["result"] == {"items": []}  # typing the shown suggestion's start: still off
+        client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": 3}, "contentChanges": [
+            {"range": {"start": {"line": 1, "character": 11}, "end": {"line": 1, "character": 12}}, "text": ""}]})
         client.notify("workspace/didChangeConfiguration", {"settings": {"completion": {"enabled": True, "maxLines": "x"}}})
         reply = await client.request("textDocument/inlineCompletion", inline_params(uri, 1, 11))
         assert reply["result"]["items"]  # the bad value is ignored, the good one applied

@@ -146,6 +146,7 @@ def test_settings_merge_camel_case_and_keep_defaults_on_bad_values():
     assert settings.completion.max_prefix_tokens == 256
     assert settings.completion.temperature == 0.0 and settings.completion.max_lines == 12
     assert len(warnings) == 3
+    assert merge(settings, {"completion": {"debounceMs": -1}}, source="test") == []  # its own default: automatic
 
 
 def test_every_setting_has_a_docstring():
