@@ -152,7 +152,8 @@ async def test_default_model_explains_and_refactors_a_small_function(default_mod
     client = await RawClient.start("--model", str(default_model))
     client.replies["workspace/applyEdit"] = {"applied": True}
     try:
-        caps = {"textDocument": {"codeAction": {"resolveSupport": {"properties": ["edit"]}}}}
+        caps = {"textDocument": {"codeAction": {"resolveSupport": {"properties": ["edit"]}}},
+                "workspace": {"workspaceEdit": {"documentChanges": True}}}
         await client.initialize(caps, {"actions": {"showDocument": False}})
         assert (await client.wait_ready(timeout_s=120))["state"] == "ready"
         client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": ACTION_SAMPLE}})
