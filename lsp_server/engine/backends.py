@@ -118,7 +118,7 @@ class LlamaBackend:
             size = lc.llama_state_seq_get_size(llm._ctx.ctx, 0)
             buffer = (ctypes.c_uint8 * size)()
             written = lc.llama_state_seq_get_data(llm._ctx.ctx, buffer, size, 0)
-            self._parked[self.lane] = (bytes(buffer[:written]), llm._input_ids[: llm.n_tokens].tolist())
+            self._parked[self.lane] = (ctypes.string_at(buffer, written), llm._input_ids[: llm.n_tokens].tolist())
         llm._ctx.kv_cache_seq_rm(0, 0, -1)
         llm.n_tokens = 0
         parked = self._parked.pop(lane, None)
