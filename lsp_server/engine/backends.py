@@ -38,6 +38,7 @@ class LlamaBackend:
 
         self._llama_cpp = llama_cpp
         self.chunk = max(8, int(config.get("prefill_chunk_tokens", 128)))
+        self.action_chunk = max(4, int(config.get("action_prefill_chunk_tokens", 16)))
         self.reuse_kv_cache = bool(config.get("reuse_kv_cache", True))
         self.model_path = config["model_path"]
         self.plan, _, _ = plan_for_file(
@@ -175,7 +176,7 @@ class LlamaBackend:
                 return yielded(req.resume_text, list(req.resume_tokens))
             if reason:
                 return GenerationResult(finish=reason, prompt_tokens=prompt_len, reused_tokens=reused, prefill_ms=_ms(started))
-            end = min(pos + self.chunk, len(prompt) - 1)
+            end = min(pos + (self.chunk if req.lane == "completion" else self.action_chunk), len(prompt) - 1)
             llm.eval(prompt[pos:end])
             pos = end
         acc = TextAccumulator(req)

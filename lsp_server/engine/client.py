@@ -37,6 +37,7 @@ class WorkerConfig:
     n_gpu_layers: int = -1
     vram_budget_mb: int = 0
     prefill_chunk_tokens: int = 128
+    action_prefill_chunk_tokens: int = 16
     reuse_kv_cache: bool = True
     probe_tokens: list[str] = field(default_factory=list)
     fake: dict = field(default_factory=dict)
@@ -49,6 +50,7 @@ class WorkerConfig:
         return WorkerConfig(
             model_path=model_path, n_ctx=m.n_ctx, n_threads=m.n_threads, n_gpu_layers=m.n_gpu_layers,
             vram_budget_mb=m.vram_budget_mb, prefill_chunk_tokens=m.prefill_chunk_tokens, probe_tokens=probe_tokens,
+            action_prefill_chunk_tokens=m.action_prefill_chunk_tokens,
             reuse_kv_cache=m.reuse_kv_cache,
             restart_backoff_initial_s=settings.worker.restart_backoff_initial_s,
             restart_backoff_max_s=settings.worker.restart_backoff_max_s,
@@ -121,6 +123,7 @@ class WorkerClient:
             "n_gpu_layers": self.config.n_gpu_layers,
             "vram_budget_mb": self.config.vram_budget_mb,
             "prefill_chunk_tokens": self.config.prefill_chunk_tokens,
+            "action_prefill_chunk_tokens": self.config.action_prefill_chunk_tokens,
             "reuse_kv_cache": self.config.reuse_kv_cache,
             "probe_tokens": self.config.probe_tokens,
             "fake": self.config.fake,
