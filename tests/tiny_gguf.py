@@ -157,7 +157,7 @@ def _output_head(rng: np.random.Generator, tokens: list[str], types: list[int]) 
     return (head * 0.02).astype(np.float16)
 
 
-def write_tiny_gguf(path: Path, *, seed: int = 0, vocab_extra: bool = True) -> Path:
+def write_tiny_gguf(path: Path, *, seed: int = 0, vocab_extra: bool = True, chat_template: str | None = None) -> Path:
     """Write the tiny qwen2 model to ``path`` and return ``path``.
 
     The output is byte-for-byte deterministic for a given ``seed`` and
@@ -222,7 +222,7 @@ def write_tiny_gguf(path: Path, *, seed: int = 0, vocab_extra: bool = True) -> P
         writer.add_uint32(tk.FIM_PAD_ID, special_id["<|fim_pad|>"])
         writer.add_uint32(tk.FIM_REP_ID, special_id["<|repo_name|>"])
         writer.add_uint32(tk.FIM_SEP_ID, special_id["<|file_sep|>"])
-        writer.add_chat_template(_CHAT_TEMPLATE)
+        writer.add_chat_template(_CHAT_TEMPLATE if chat_template is None else chat_template)
 
         # --- tensors (numpy shapes are the reverse of ggml's ne[]) --------
         writer.add_tensor("token_embd.weight", _random(rng, n_vocab, N_EMBD))
