@@ -25,6 +25,9 @@ from .engine.protocol import GenerationRequest, GenerationResult
 
 log = logging.getLogger("offpilot.completion")
 
+_MAX_MIDDLE_CHARS = 400
+"""A longer cursor line stays in the prefix, where the prompt budget can cut it."""
+
 
 class Engine(Protocol):
     state: str
@@ -406,9 +409,13 @@ class CompletionService:
                 snippets += [(s.path, s.text) for s in found]
             snippets += [(s.path, s.text) for s in self.recent_edits.snippets(open_texts, snapshot.uri, self.crossfile.relative)]
             snippets = snippets[: settings.max_snippets]
+        prefix, middle = ctx.prefix, ""
+        if settings.cursor_line_in_middle and 0 < len(ctx.line_prefix) <= _MAX_MIDDLE_CHARS and prefix.endswith(ctx.line_prefix):
+            prefix, middle = prefix[: len(prefix) - len(ctx.line_prefix)], ctx.line_prefix
         return prompts.PromptParts(
-            prefix=prompts.PromptValue(ctx.prefix, settings.max_prefix_tokens, "end", ctx.header, ctx.header_at,
+            prefix=prompts.PromptValue(prefix, settings.max_prefix_tokens, "end", ctx.header, ctx.header_at,
                                        ctx.prefix_first_line, settings.prefix_anchor_lines),
+            middle=middle,
             suffix=prompts.PromptValue(ctx.suffix, settings.max_suffix_tokens, "start"),
             path=self.crossfile.relative(snapshot.uri),
             repo_name=self.crossfile.roots[0].name if self.crossfile.roots else "",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import string
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable
@@ -167,6 +167,9 @@ class PromptParts:
     snippet_budget_tokens: int = 0
     comment: str = "#"
     """The language's line comment, for families without a repository layout."""
+    middle: str = ""
+    """Text the middle starts with (the cursor line before the cursor), written after the template's middle
+    marker; for layouts that end with the prefix (suffix-prefix-middle) it is simply the prefix's end."""
 
 
 def assemble(template: FimTemplate, parts: PromptParts) -> list[Segment]:
@@ -175,6 +178,9 @@ def assemble(template: FimTemplate, parts: PromptParts) -> list[Segment]:
 
     With no other files the plain layout is used: measured on Qwen2.5-Coder-0.5B-Instruct, the repository
     header alone turned `return |` in `def add(a, b)` from "a + b" into "n"."""
+    if parts.middle and _last_placeholder(template.template) == "prefix":
+        p = parts.prefix
+        parts = replace(parts, prefix=replace(p, text=p.text + parts.middle), middle="")
     snippets = [s for s in parts.snippets if s[1].strip()]
     per_snippet = parts.snippet_budget_tokens // len(snippets) if snippets else 0
     if template.repo_template and template.file_template and snippets:
@@ -188,11 +194,22 @@ def assemble(template: FimTemplate, parts: PromptParts) -> list[Segment]:
             "prefix": parts.prefix,
             "suffix": parts.suffix,
         }
-        return render(template, values, template.repo_template)
+        return render(template, values, template.repo_template) + _middle(parts)
     p = parts.prefix
     prefix = [Segment(_as_comment(path, text, parts.comment), budget_tokens=per_snippet, keep="start") for path, text in snippets]
     prefix.append(Segment(p.text, False, p.budget_tokens, p.keep, p.pinned, p.pinned_at, p.first_line, p.anchor_lines))
-    return render(template, {"prefix": prefix, "suffix": parts.suffix})
+    return render(template, {"prefix": prefix, "suffix": parts.suffix}) + _middle(parts)
+
+
+def _middle(parts: PromptParts) -> list[Segment]:
+    # Kept whole (keep="start", no budget): the prefix, the last "end"-kept plain segment, gets what is left.
+    return [Segment(parts.middle, keep="start")] if parts.middle else []
+
+
+def _last_placeholder(layout: str) -> str:
+    names = [m.group("named") or m.group("braced") for m in string.Template.pattern.finditer(layout)]
+    names = [n for n in names if n]
+    return names[-1] if names else ""
 
 
 def _as_comment(path: str, text: str, comment: str) -> str:

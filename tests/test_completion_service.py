@@ -174,3 +174,33 @@ async def test_a_blank_line_asks_for_at_least_one_token_and_code_on_the_line_doe
         assert engine.jobs[i].request.min_tokens == expected, text
         engine.finish(i, "pass")
         await task
+
+
+async def test_with_cursor_line_in_middle_typing_on_a_line_keeps_prefix_and_suffix_unchanged():
+    settings = Settings()
+    settings.completion.cursor_line_in_middle = True
+    engine = ManualEngine()
+    service = CompletionService(engine, settings)
+    texts = ["def add(a, b):\n    ret|\n\nprint(add(1, 2))\n", "def add(a, b):\n    retu|\n\nprint(add(1, 2))\n"]
+    for i, text in enumerate(texts):
+        task = asyncio.create_task(service.complete(snap(text, version=i + 1)))
+        await until(lambda: len(engine.jobs) == i + 1)
+        engine.finish(i, "rn a + b")
+        await task
+    first, second = (job.request.segments for job in engine.jobs)
+    assert [s.text for s in first][-2:] == ["<|fim_middle|>", "    ret"]
+    assert [s.text for s in second][-1] == "    retu"
+    # Everything before the middle (the prefix ends at the line start, the suffix) is the same text.
+    assert [s.text for s in first][:-1] == [s.text for s in second][:-1]
+    assert any(s.text.endswith("def add(a, b):\n") for s in first if not s.special)
+
+
+async def test_without_cursor_line_in_middle_the_line_ends_the_prefix():
+    engine = ManualEngine()
+    service = CompletionService(engine, Settings())
+    task = asyncio.create_task(service.complete(snap("def add(a, b):\n    ret|\n", version=1)))
+    await until(lambda: len(engine.jobs) == 1)
+    engine.finish(0, "urn a + b")
+    await task
+    texts = [s.text for s in engine.jobs[0].request.segments]
+    assert texts[-1] == "<|fim_middle|>" and any(t.endswith("    ret") for t in texts)

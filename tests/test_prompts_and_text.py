@@ -164,3 +164,17 @@ def test_readme_settings_table_is_current():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     assert settings_table() in readme, "README settings table is stale: run scripts/readme_settings.py"
+
+
+def test_a_forced_middle_follows_the_middle_marker_or_ends_the_prefix_in_suffix_first_layouts():
+    templates = prompts.load_templates()
+    parts = prompts.PromptParts(prefix=prompts.PromptValue("def f(x):\n"), suffix=prompts.PromptValue("\nprint(f(2))\n", keep="start"),
+                                middle="    retu")
+    psm = prompts.assemble(templates["qwen2.5-coder"], parts)
+    assert [s.text for s in psm][-2:] == ["<|fim_middle|>", "    retu"]
+    spm = prompts.assemble(templates["codestral"], parts)
+    assert spm[-1].text == "def f(x):\n    retu" and not spm[-1].special
+    # The budget fill still goes to the prefix, not to the middle.
+    tok = lambda s: list(s.encode())  # noqa: E731
+    built = prompts.build_prompt_tokens(psm, tokenize_text=tok, tokenize_special=lambda s: [0], bos=[], max_prompt_tokens=20)
+    assert built.tokens[-8:] == tok("    retu")
