@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
-from . import languages, postprocess, prompts
+from . import languages, postprocess, prompts, redact
 from .config import Settings
 from .context import indent_unit
 from .context.syntax import count_errors, parse_bytes
@@ -228,7 +228,7 @@ def build_request(
     system = Template(prompt.system).safe_substitute(values)
     user = Template(prompt.user).safe_substitute(values)
     return GenerationRequest(
-        segments=chat_segments(chat, system, user),
+        segments=redact.prompt_segments(chat_segments(chat, system, user), path),
         add_bos=chat.add_bos,
         max_tokens=prompt.max_tokens,
         stop=list(chat.stop),
@@ -348,6 +348,8 @@ class ActionService:
         self, kind: str, text: str, language: str | None, path: str, target: ActionTarget,
         instruction: str = "", diagnostic: dict | None = None,
     ) -> ActionOutcome:
+        if redact.is_secret_path(path):  # .env, *.pem, id_rsa, ...: no AI features (F10)
+            raise ActionError("this looks like a secrets file: offpilot does not send it to the model")
         if self.engine.state != READY:
             raise ActionError(f"the model is {self.engine.state}")
         prompt = self.prompts[kind]

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from . import languages, postprocess, prompts
+from . import languages, postprocess, prompts, redact
 from .cache import CompletionCache, cache_key, default_directory
 from .config import Settings
 from .context import CompletionContext, Snapshot, build_context, has_code, inside_word, line_suffix_at
@@ -197,6 +197,8 @@ class CompletionService:
         settings = self.settings.completion
         if not settings.enabled:
             return "disabled"
+        if redact.is_secret_uri(snapshot.uri):  # .env, *.pem, id_rsa, ...: no AI features (F10)
+            return "secret file"
         if self.engine.state != READY:
             return f"model {self.engine.state}"
         template = self.template()
@@ -212,7 +214,7 @@ class CompletionService:
         if ctx.skip_reason:
             return ctx.skip_reason
         request = GenerationRequest(
-            segments=prompts.assemble(template, self._prompt_parts(snapshot, ctx, facts)),
+            segments=redact.prompt_segments(prompts.assemble(template, self._prompt_parts(snapshot, ctx, facts)), snapshot.uri),
             add_bos=template.add_bos,
             max_prompt_tokens=settings.max_prompt_tokens,
             max_tokens=settings.max_tokens_single_line if ctx.single_line else settings.max_tokens_multi_line,

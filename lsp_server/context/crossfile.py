@@ -1,28 +1,30 @@
 """Code from other files for the prompt: definitions of what this file imports, and recent edits.
 
 Other files come from the open documents first; files on disk are read only inside the workspace
-folders, never when they look like secrets, and never over `MAX_FILE_BYTES`.
+folders (where the opened file really is, after every symlink: a link that leads out is not followed),
+only regular files (a FIFO would block the read), never when they look like secrets (by the link's name
+or the target's), and never over `MAX_FILE_BYTES`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 from .. import languages
 from ..languages import uri_path
+from ..redact import is_secret_path, is_secret_uri
 from .syntax import parse_bytes
 
 log = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 256 * 1024
 MAX_DEFINITION_LINES = 12
-SECRET_GLOBS = (".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", ".npmrc", ".pypirc", "*.p12", ".netrc")
 
 _DEFINITION_TYPES = {
     "python": ("function_definition", "class_definition", "decorated_definition", "expression_statement"),
@@ -31,11 +33,6 @@ _DEFINITION_TYPES = {
     "tsx": ("function_declaration", "class_declaration", "lexical_declaration", "export_statement", "interface_declaration", "type_alias_declaration"),
 }
 _JS_EXTENSIONS = (".ts", ".tsx", ".js", ".jsx", ".mjs", ".cjs", "/index.ts", "/index.js")
-
-
-def is_secret_path(path: str) -> bool:
-    name = os.path.basename(path)
-    return any(fnmatch.fnmatch(name, pattern) for pattern in SECRET_GLOBS)
 
 
 @dataclass(frozen=True)
@@ -68,7 +65,7 @@ class RecentEdits:
     def snippets(self, texts: dict[str, str], exclude_uri: str, relative) -> list[Snippet]:
         out = []
         for uri, bucket in reversed(self._ring):
-            if uri == exclude_uri or uri not in texts:
+            if uri == exclude_uri or uri not in texts or is_secret_uri(uri):
                 continue
             lines = texts[uri].split("\n")
             start = bucket * self.radius_lines * 2
@@ -232,18 +229,32 @@ class CrossFileContext:
         return any(resolved == r or r in resolved.parents for r in self.roots)
 
     def _read(self, path: Path, open_texts: dict[str, str]) -> tuple[str, object] | None:
+        if is_secret_path(str(path)):
+            return None
         uri = path.as_uri()
         if uri in open_texts:
             return open_texts[uri], ("open", hash(open_texts[uri]))
-        if not self._inside_workspace(path) or is_secret_path(str(path)):
+        if not self.roots or not self._inside_workspace(path):
             return None
         try:
-            stat = path.stat()
-            if not path.is_file() or stat.st_size > MAX_FILE_BYTES:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            stat = os.fstat(fd)
+            if not S_ISREG(stat.st_mode) or stat.st_size > MAX_FILE_BYTES:
                 return None
-            return path.read_text(encoding="utf-8"), ("disk", stat.st_mtime_ns, stat.st_size)
+            # What was opened, not what the name said a moment ago: a link swapped in meanwhile is caught here.
+            real = Path(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists("/proc/self/fd") else path.resolve()
+            if is_secret_path(str(real)) or not any(real == r or r in real.parents for r in self.roots):
+                return None
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                data = fh.read(MAX_FILE_BYTES + 1)
+            return data.decode("utf-8"), ("disk", stat.st_mtime_ns, stat.st_size)
         except (OSError, UnicodeDecodeError):
             return None
+        finally:
+            os.close(fd)
 
     def _module_candidates(self, language: str, current: Path, module: str) -> list[Path]:
         if language == "python":

@@ -23,6 +23,7 @@ from .. import languages
 from ..actions import EDIT_KINDS, ActionError, ActionTarget, find_target, title
 from ..cache import default_directory
 from ..languages import uri_path
+from ..redact import is_secret_uri
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ async def code_action(ls, params: types.CodeActionParams) -> list[types.CodeActi
     if not ls.settings.actions.enabled:
         return None
     doc = ls.store.get(params.text_document.uri)
-    if doc is None or doc.desynced:
+    if doc is None or doc.desynced or is_secret_uri(doc.uri):  # secret files get no AI actions (F10)
         return None
     encoding = ls.position_encoding
     # Listing reads the range leniently (clamped): some clients end a selection inside a character.
