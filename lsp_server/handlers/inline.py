@@ -9,7 +9,7 @@ from ..context import Snapshot
 
 def _snapshot(ls, uri: str, position: types.Position) -> Snapshot | None:
     doc = ls.store.get(uri)
-    if doc is None or doc.desynced:
+    if doc is None or doc.ai_off_reason():  # desynced or binary: nothing to suggest
         return None
     offset = doc.offset_at(position.line, position.character, ls.position_encoding)
     return Snapshot(uri, doc.version, doc.text, offset, doc.language_id)
