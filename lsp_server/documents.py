@@ -75,6 +75,13 @@ def index_to_column(line_text: str, index: int, encoding: str) -> int:
     return sum(_units(ch, encoding) for ch in prefix)
 
 
+def looks_binary(text: str) -> bool:
+    if not text:
+        return False
+    nul, replacement = text.count("\x00"), text.count("\ufffd")
+    return nul * 1000 >= len(text) or replacement * 100 >= len(text)
+
+
 @dataclass
 class Document:
     uri: str
@@ -83,6 +90,17 @@ class Document:
     text: str
     desynced: bool = False
     _starts: list[int] | None = field(default=None, repr=False)
+    _binary: tuple[int, bool] | None = field(default=None, repr=False)
+
+    def ai_off_reason(self) -> str:
+        """Why AI features are off for this document ("" when they are on): its text is out of step with the
+        client's (a rejected edit), or it looks binary (reliability.md C8: at least one NUL per 1,000 characters,
+        or 1 % U+FFFD, as a file read with the wrong encoding gives). Counted once per version, at request time."""
+        if self.desynced:
+            return "the document is out of sync (a rejected edit); waiting for a full-text change"
+        if self._binary is None or self._binary[0] != self.version:
+            self._binary = (self.version, looks_binary(self.text))
+        return "the document looks binary" if self._binary[1] else ""
 
     @property
     def starts(self) -> list[int]:

@@ -126,8 +126,14 @@ class TreeCache:
         if entry is not None and entry.language == language:
             if entry.data == data:
                 return entry.tree
-            old_tree = edit_tree(entry.tree, entry.data, data)
-        tree = parse_bytes(language, data, old_tree, deadline_s)
+            # Edit a copy: if the parse fails or runs late, the cached tree must still match its bytes (an
+            # edited tree next to the old bytes would get the next edit applied on top of this one).
+            old_tree = edit_tree(entry.tree.copy(), entry.data, data)
+        try:
+            tree = parse_bytes(language, data, old_tree, deadline_s)
+        except BaseException:
+            self._entries.pop(key, None)
+            raise
         if tree is not None:
             self._entries.pop(key, None)
             self._entries[key] = _Entry(language, data, tree)
@@ -298,6 +304,7 @@ def analysis_window(text: str, offset: int) -> tuple[int, int]:
 def analyze(
     cache: TreeCache, key: str, language: str, text: str, offset: int, deadline_s: float, check_hole: bool = False
 ) -> SyntaxFacts | None:
+    stop_at = time.monotonic() + deadline_s  # one deadline for all the parses of one request
     window_start, window_end = analysis_window(text, offset)
     windowed = (window_start, window_end) != (0, len(text))
     window = text[window_start:window_end] if windowed else text
@@ -310,7 +317,7 @@ def analyze(
     if windowed and window_start > 0:
         head_end = text.rfind("\n", 0, HEAD_CHARS) + 1 or min(len(text), HEAD_CHARS)
         head_data = text[:head_end].encode("utf-8", "surrogatepass")
-        head_tree = cache.parse(f"{key}#head", language, head_data, deadline_s)
+        head_tree = cache.parse(f"{key}#head", language, head_data, max(0.01, stop_at - time.monotonic()))
     root = tree.root_node
     node = node_at(root, cursor)
     headers = enclosing_headers(root, cursor, data, indent_scoped=language == "python")
@@ -322,7 +329,7 @@ def analyze(
         cursor_byte=cursor,
         in_comment=inside(node, COMMENT_TYPES),
         in_string=inside(node, STRING_TYPES),
-        hole_at_cursor=check_hole and hole_at(language, tree, data, cursor, deadline_s),
+        hole_at_cursor=check_hole and hole_at(language, tree, data, cursor, max(0.01, stop_at - time.monotonic())),
         headers=[h.decode("utf-8", "replace") for _, h in headers],
         header_offset=header_offset,
         head_tree=head_tree,
@@ -405,53 +412,128 @@ def syntax_trim(facts: SyntaxFacts, suggestion: str, deadline_s: float, max_pars
     return ""
 
 
+MAX_DOCUMENT_BYTES = 2_000_000
+MAX_DOCUMENT_LINES = 50_000
+HANG_GRACE_S = 0.3
+"""A parse job still running this long after its deadline is taken as hung (reliability.md C7)."""
+MAX_HANGS = 5
+"""After this many hung parses in one session tree-sitter stays off (each one leaves a thread behind)."""
+
+
+def too_big_to_parse(text: str, max_bytes: int = MAX_DOCUMENT_BYTES, max_lines: int = MAX_DOCUMENT_LINES) -> bool:
+    """Over 2 MB or 50,000 lines: no tree (plain-text mode); the prompt is windowed around the cursor anyway."""
+    if len(text) > max_bytes:
+        return True
+    if len(text) > max_bytes // 4 and len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        return True
+    return len(text) > max_lines and text.count("\n") + text.count("\r") - text.count("\r\n") >= max_lines
+
+
+class _ParseThread:
+    """One daemon thread running parse jobs in order. Not a ThreadPoolExecutor: its threads are joined at
+    interpreter exit, so a parse hung in a grammar would keep the server from exiting."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name="offpilot-parse", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the awaiting coroutine
+                future.set_exception(exc)
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
 class SyntaxService:
     """Parsing off the event loop: one thread (a tree-sitter parser is not shared across threads), each
-    parse bounded by a deadline; over-large documents get no tree (plain-text mode)."""
+    parse bounded by a deadline (tree-sitter's progress callback); over-large documents get no tree
+    (plain-text mode). A job that overruns its deadline by HANG_GRACE_S (a grammar stuck where the progress
+    callback is never called) is abandoned: the request goes on without a tree, a fresh thread takes over,
+    and parsing pauses with back-off (1 s, 2 s, ... 60 s); after MAX_HANGS it stays off."""
 
-    def __init__(self, deadline_ms: float = 200.0, max_document_bytes: int = 2_000_000) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
+    def __init__(self, deadline_ms: float = 200.0, max_document_bytes: int = MAX_DOCUMENT_BYTES,
+                 max_document_lines: int = MAX_DOCUMENT_LINES) -> None:
         self.deadline_s = deadline_ms / 1000.0
         self.max_document_bytes = max_document_bytes
+        self.max_document_lines = max_document_lines
         self.cache = TreeCache()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offpilot-parse")
+        self._worker = _ParseThread()
+        self.hangs = 0
+        self._paused_until = 0.0
+        self._backoff_s = 1.0
 
-    async def analyze(self, key: str, language: str, text: str, offset: int, check_hole: bool) -> SyntaxFacts | None:
+    def usable(self, language: str, text: str) -> bool:
+        if languages.grammar(language) is None or self.hangs >= MAX_HANGS or time.monotonic() < self._paused_until:
+            return False
+        return not too_big_to_parse(text, self.max_document_bytes, self.max_document_lines)
+
+    async def _run(self, key: str, fn, *args):
+        """fn(*args) on the parse thread; None when it runs late, hangs or times out (no-tree mode)."""
         import asyncio
 
-        if languages.grammar(language) is None or len(text) > self.max_document_bytes:
-            return None
-        loop = asyncio.get_running_loop()
+        future = asyncio.wrap_future(self._worker.submit(fn, *args))
         try:
-            return await loop.run_in_executor(
-                self._executor, analyze, self.cache, key, language, text, offset, self.deadline_s, check_hole
-            )
+            return await asyncio.wait_for(future, self.deadline_s + HANG_GRACE_S)
         except ParseTimeout as exc:
             log.info("no syntax tree: %s", exc)
-            self.cache.forget(key)
+            self.forget(key)
             return None
+        except asyncio.TimeoutError:
+            self._hung(key)
+            return None
+
+    def _hung(self, key: str) -> None:
+        self.hangs += 1
+        old, self._worker = self._worker, _ParseThread()
+        old.stop()
+        self._paused_until = time.monotonic() + self._backoff_s
+        log.warning("a parse of %s ran %.0f ms past its deadline: no syntax tree, parsing paused for %.0f s%s", key,
+                    HANG_GRACE_S * 1000, self._backoff_s, " and now off for this session" if self.hangs >= MAX_HANGS else "")
+        self._backoff_s = min(60.0, self._backoff_s * 2)
+        self.forget(key)
+
+    async def analyze(self, key: str, language: str, text: str, offset: int, check_hole: bool) -> SyntaxFacts | None:
+        if not self.usable(language, text):
+            return None
+        return await self._run(key, analyze, self.cache, key, language, text, offset, self.deadline_s, check_hole)
 
     async def tree(self, key: str, language: str, text: str):
         """The document's tree (incremental, cached), or None: no grammar, too large, or past the deadline."""
-        import asyncio
-
-        if languages.grammar(language) is None or len(text) > self.max_document_bytes:
+        if not self.usable(language, text):
             return None
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, self.cache.parse, key, language, text.encode("utf-8"), self.deadline_s)
-        except ParseTimeout as exc:
-            log.info("no syntax tree: %s", exc)
-            self.cache.forget(key)
-            return None
+        return await self._run(key, self.cache.parse, key, language, text.encode("utf-8", "surrogatepass"), self.deadline_s)
 
     async def trim(self, facts: SyntaxFacts, suggestion: str) -> str:
         import asyncio
 
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, syntax_trim, facts, suggestion, self.deadline_s)
+        future = asyncio.wrap_future(self._worker.submit(syntax_trim, facts, suggestion, self.deadline_s))
+        try:
+            return await asyncio.wait_for(future, self.deadline_s + HANG_GRACE_S)
+        except asyncio.TimeoutError:
+            self._hung("a suggestion check")
+            return suggestion  # no verdict: the model's text as post-processing left it
 
     def forget(self, key: str) -> None:
         for suffix in ("", "#window", "#head"):
-            self._executor.submit(self.cache.forget, key + suffix)
+            self._worker.submit(self.cache.forget, key + suffix)  # the cache belongs to the parse thread

@@ -23,3 +23,12 @@ def did_change_configuration(ls, params: types.DidChangeConfigurationParams) -> 
 
 def status(ls, params) -> dict:
     return ls.status()
+
+
+def document_state(ls, params) -> dict | None:
+    uri = params.get("uri") if isinstance(params, dict) else getattr(params, "uri", None)
+    if not isinstance(uri, str):
+        from pygls.exceptions import JsonRpcInvalidParams
+
+        raise JsonRpcInvalidParams("offpilot/documentState takes {uri}")
+    return ls.document_state(uri)
