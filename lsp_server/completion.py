@@ -147,6 +147,11 @@ class CompletionService:
         self._last_request_at = 0.0
         self._model_latency_s: float | None = None
         """Moving average of recent generations' prefill + decode time."""
+        self._in_progress = 0
+        self._gate: asyncio.Future | None = None
+        """Resolved when a newer request arrives (wakes the current one in its context or debounce step)."""
+        self._max_pending = 0
+        """High-water mark of jobs the scheduler held (running + waiting): 2 at most by design (A5)."""
 
     @property
     def cache(self) -> CompletionCache | None:
@@ -227,11 +232,21 @@ class CompletionService:
             decode_budget_s=0.0 if ctx.single_line else settings.multi_line_budget_ms / 1000.0,
             # On a blank line the user is about to write something: "nothing" is no answer there.
             min_tokens=1 if not ctx.line_prefix.strip() and not ctx.line_suffix.strip() else 0,
+            heal_last_token=settings.cursor_line_in_middle,
         )
         return Prepared(ctx, facts, request, template)
 
+    def scheduler_report(self) -> dict:
+        """What the scheduler holds now (for load tests and status): a burst must not grow any of it."""
+        return {"running": int(self._running is not None), "waiting": int(self._waiting is not None),
+                "maxPending": self._max_pending, "inProgress": self._in_progress}
+
     async def complete(self, snapshot: Snapshot) -> Completion:
-        completion = await self._complete(snapshot)
+        self._in_progress += 1
+        try:
+            completion = await self._complete(snapshot)
+        finally:
+            self._in_progress -= 1
         if completion.text:
             self.last_shown = {"totalMs": round(completion.timings_ms.get("total", 0.0), 1), "cache": completion.cache}
         return completion
@@ -241,6 +256,7 @@ class CompletionService:
         self._latest += 1
         mine = self._latest
         self._note_keystroke(t0)
+        gate = self._answer_older()
         if not self.settings.completion.enabled:
             return Completion("", "disabled")
         shown = self._shown.get(snapshot.uri)
@@ -253,7 +269,16 @@ class CompletionService:
                 log.info("completion ok reason=ok cache=type-through total=%.1fms chars=%d", total_ms, len(rest))
                 return Completion(rest, "ok", {"total": total_ms}, cache="type-through")
         self._model_requests += 1
-        prepared = await self.prepare(snapshot)
+        preparing = asyncio.ensure_future(self.prepare(snapshot))
+        try:
+            await asyncio.wait((preparing, gate), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            preparing.cancel()
+            raise
+        if not preparing.done():  # a newer request came meanwhile: answer now, not when the parse ends
+            preparing.cancel()
+            return Completion("", "superseded by a newer request")
+        prepared = preparing.result()
         if isinstance(prepared, str):
             log.debug("no completion: %s", prepared)
             return Completion("", prepared)
@@ -268,7 +293,7 @@ class CompletionService:
 
         delay_s = self.debounce_s()
         if delay_s > 0:
-            await asyncio.sleep(delay_s)
+            await asyncio.wait((gate,), timeout=delay_s)  # a newer request ends the wait at once
             if mine != self._latest:
                 return Completion("", "superseded by a newer request", {"total": (time.perf_counter() - t0) * 1000.0})
         loop = asyncio.get_running_loop()
@@ -426,6 +451,25 @@ class CompletionService:
             comment=ctx.comment,
         )
 
+    def _answer_older(self) -> asyncio.Future:
+        """A request arrived: every older one is answered now (A2: within ms of the newer one's arrival), not
+        when this one has its context and has waited out the debounce. A prefetch is left to run (a
+        type-through answer does not need the model), until this request needs the model itself.
+        Returns the future that a newer request will resolve, to stop this one's waiting."""
+        if self._gate is not None and not self._gate.done():
+            self._gate.set_result(None)
+        self._gate = asyncio.get_running_loop().create_future()
+        waiting, running = self._waiting, self._running
+        if waiting is not None and waiting.seq > 0:
+            self._waiting = None
+            if not waiting.future.done():
+                waiting.future.set_result(None)
+        if running is not None and running.seq > 0 and not running.future.done():
+            running.future.set_result(None)
+            if running.job is not None:
+                self.engine.cancel(running.job)
+        return self._gate
+
     def _supersede_all(self) -> None:
         if self._waiting is not None and not self._waiting.future.done():
             self._waiting.future.set_result(None)
@@ -444,6 +488,7 @@ class CompletionService:
             self.engine.cancel(req.job)
 
     def _pump(self) -> None:
+        self._max_pending = max(self._max_pending, int(self._running is not None) + int(self._waiting is not None))
         if self._running is not None or self._waiting is None:
             return
         req, self._waiting = self._waiting, None

@@ -24,7 +24,7 @@ from .actions import ActionService
 from .completion import CompletionService
 from .config import Settings, merge
 from .documents import DocumentStore
-from .engine.client import FAILED, READY, WorkerClient, WorkerConfig
+from .engine.client import DISABLED, FAILED, READY, WorkerClient, WorkerConfig
 from .framing import MAX_BODY_BYTES, FrameReader, FrameTooLarge
 from .handlers import actions, documents, inline, lifecycle
 from .languages import uri_path
@@ -73,7 +73,19 @@ class OffpilotServer(LanguageServer):
         before = dataclasses.asdict(self.settings.model), dataclasses.asdict(self.settings.worker)
         merge(self.settings, settings, source="didChangeConfiguration")  # each bad value: one warning in the log
         if (dataclasses.asdict(self.settings.model), dataclasses.asdict(self.settings.worker)) != before:
-            log.warning("model and worker settings changed: they take effect when the server restarts")
+            log.warning("model and worker settings changed: reloading the model")
+            self.restart_engine()
+
+    def restart_engine(self) -> None:
+        """Load the model again with the current settings (a settings change, or offpilot.restartModel after
+        a failed load or the crash breaker): the only ways out of those states, so nothing retries in a loop."""
+        self._told_failure = ""
+
+        async def restart() -> None:
+            await self.engine.stop()
+            await self.start_engine()
+
+        self._restart_task = asyncio.ensure_future(restart())
 
     def _model_family(self) -> str | None:
         template = self.completions.template() if self.engine.state == READY else None
@@ -148,6 +160,10 @@ class OffpilotServer(LanguageServer):
             self._progress_token = None
         if state == FAILED:
             self._tell_failure(f"offpilot: the model could not be loaded: {detail}")
+        elif state == DISABLED:
+            self._tell_failure(f"offpilot: completions are off: {detail}")
+        elif state == READY:
+            self._told_failure = ""  # the episode is over: the next failure is news
 
     def _tell_failure(self, message: str) -> None:
         log.error("%s", message)
@@ -166,6 +182,8 @@ class OffpilotServer(LanguageServer):
             "model": self.engine.config.model_path or self.engine.config.backend,
             "family": template.family if template else None,
             "workerPid": self.engine.pid,
+            "workerStarts": self.engine.starts,
+            "workerCrashes": self.engine.crashes,
             "generationsStarted": self.engine.generations_started,
             "maxGenerationsInFlight": self.engine.max_in_flight,
             "positionEncoding": self.position_encoding,
@@ -173,6 +191,7 @@ class OffpilotServer(LanguageServer):
             "plan": self.engine.info.get("plan"),
             "cache": self.completions.cache_report(),
             "lastCompletion": self.completions.last_shown,
+            "scheduler": self.completions.scheduler_report(),
         }
 
     def document_state(self, uri: str) -> dict | None:
@@ -385,4 +404,5 @@ def create_server(*, model_path: str | None = None, engine_overrides: dict | Non
     server.command("offpilot.explain")(actions.explain_command)
     server.command("offpilot.refactor")(actions.refactor_command)
     server.command("offpilot.applyAction")(actions.apply_action)
+    server.command("offpilot.restartModel")(lifecycle.restart_model)
     return server

@@ -1,0 +1,165 @@
+"""Load, staleness and latency (reliability.md A1-A9, E6) against the real server over stdio, with a slow
+scripted model worker. Figures are measured on the client side (send time to reply time), so they include
+the pipes and the client's own scheduling: an upper bound of what the server adds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lsp_raw import REPO, RawClient, inline_params
+
+DOC = "def f(value):\n    return \n"
+LINE, COL = 1, 11
+TYPED = "v + "  # typed over and over: the cursor always ends after an operator, where a suggestion fits
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else 0.0
+
+
+async def start(fake: dict, options: dict | None = None, stderr=None, env: dict | None = None) -> RawClient:
+    """The real server with a scripted worker, initialized and ready."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lsp_server", "serve", "--fake-engine", json.dumps(fake),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+        env={**os.environ, **(env or {})}, cwd=str(REPO),
+    )
+    client = RawClient(proc)
+    await client.initialize(options=options)
+    assert (await client.wait_ready())["state"] == "ready"
+    return client
+
+
+def frame(msg: dict) -> bytes:
+    body = json.dumps(msg).encode()
+    return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def open_doc(client: RawClient, uri: str, text: str = DOC) -> None:
+    client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1, "text": text}})
+
+
+def insert(client: RawClient, uri: str, version: int, line: int, col: int, text: str) -> None:
+    pos = {"line": line, "character": col}
+    client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version},
+                                             "contentChanges": [{"range": {"start": pos, "end": pos}, "text": text}]})
+
+
+async def status(client: RawClient) -> dict:
+    return (await client.request("offpilot/status", {}))["result"]
+
+
+async def typing_burst(client: RawClient, uri: str, count: int, spacing_s: float, probe_every: int = 0):
+    """`count` didChange + inlineCompletion pairs, one every `spacing_s` on an absolute schedule (a late step
+    does not push the rest back). Returns the inline ids, their send times, and the status probes' ids."""
+    ids, sent_at, probes = [], {}, []
+    t0 = time.monotonic()
+    for i in range(count):
+        col = COL + i
+        insert(client, uri, i + 2, LINE, col, TYPED[i % len(TYPED)])
+        msg_id = client.request_nowait("textDocument/inlineCompletion", inline_params(uri, LINE, col + 1))
+        sent_at[msg_id] = time.monotonic()
+        ids.append(msg_id)
+        if probe_every and i % probe_every == 0:
+            probe = client.request_nowait("offpilot/status", {})
+            sent_at[probe] = time.monotonic()
+            probes.append(probe)
+        await asyncio.sleep(max(0.0, t0 + (i + 1) * spacing_s - time.monotonic()))
+    return ids, sent_at, probes
+
+
+async def all_answered(client: RawClient, ids: list, timeout_s: float = 15.0) -> None:
+    for msg_id in ids:
+        await client.wait_response(msg_id, timeout_s=timeout_s)
+    await asyncio.sleep(0.3)  # a duplicate would arrive by now
+
+
+def assert_exactly_once(client: RawClient, ids: list) -> None:
+    assert set(client.responses) <= set(client.sent_ids), "a reply to an id never sent"
+    counts = {i: len(client.responses.get(i, [])) for i in ids}
+    assert [i for i, n in counts.items() if n != 1] == [], "ids answered 0 or 2+ times"
+    for i in ids:
+        reply = client.responses[i][0]
+        assert "result" in reply or reply["error"]["code"] == -32800, reply
+
+
+# ---- A1, A2, A5: a 500-keystroke burst --------------------------------------------------------------------
+
+SLOW = {"outputs": ["value + 1"], "token_delay_ms": 20, "prefill_delay_ms": 100, "prefill_chunk_ms": 20}
+
+
+async def test_typing_burst_single_flight_latest_wins_bounded_queue(tmp_path):
+    """500 didChange + inline pairs at 20 ms against a model that needs ~160 ms per answer, with no debounce
+    (every keystroke may start a generation: the worst case for the scheduler)."""
+    client = await start({**SLOW, "record_path": str(tmp_path / "calls.jsonl")}, {"completion": {"debounceMs": 0}})
+    uri = "file:///burst.py"
+    try:
+        open_doc(client, uri)
+        ids, sent_at, probes = await typing_burst(client, uri, 500, 0.02, probe_every=5)
+        await all_answered(client, ids + probes)
+        assert_exactly_once(client, ids + probes)
+        st = await status(client)
+    finally:
+        assert await client.close() == 0
+    assert client.non_frame_bytes == b""
+    # A1: one generation at a time (counted where jobs are submitted to the worker).
+    assert st["maxGenerationsInFlight"] == 1
+    assert st["generationsStarted"] >= 2
+    # A2: a superseded request is answered as soon as the newer one arrives, not when that one is ready.
+    late_ms = [max(0.0, client.response_times[old] - sent_at[new]) * 1000 for old, new in zip(ids, ids[1:])]
+    superseded_p99 = p99(late_ms)
+    # A5: at every sample the scheduler held at most one running and one waiting job.
+    samples = [client.responses[p][0]["result"]["scheduler"] for p in probes]
+    most_pending = max(s["running"] + s["waiting"] for s in samples)
+    probe_ms = [(client.response_times[p] - sent_at[p]) * 1000 for p in probes]
+    print(f"\nA2 superseded answered p99 {superseded_p99:.1f} ms (max {max(late_ms):.1f}) over {len(late_ms)}; "
+          f"A5 pending max {most_pending}, high-water {st['scheduler']['maxPending']}, requests in progress max "
+          f"{max(s['inProgress'] for s in samples)}; status probe p99 {p99(probe_ms):.1f} ms; "
+          f"generations {st['generationsStarted']}")
+    assert superseded_p99 <= 50.0
+    assert most_pending <= 2 and st["scheduler"]["maxPending"] <= 2
+    assert max(s["inProgress"] for s in samples) <= 3
+    last = client.responses[ids[-1]][0]
+    assert [i["insertText"] for i in last["result"]["items"]] == ["value + 1"]
+
+
+# ---- A6: debounce ---------------------------------------------------------------------------------------
+
+
+async def test_debounce_starts_few_generations_and_answers_the_final_request(tmp_path):
+    """debounceMs 100, a 10 s burst at 20 ms: generations start only when typing pauses, and the last
+    request (after which typing stops) gets an answer computed for the final text."""
+    record = tmp_path / "calls.jsonl"
+    slow = {"outputs": ["value + 1"], "token_delay_ms": 20, "prefill_delay_ms": 300, "prefill_chunk_ms": 20,
+            "record_path": str(record)}
+    client = await start(slow, {"completion": {"debounceMs": 100, "prefetch": False}})
+    uri = "file:///debounce.py"
+    try:
+        open_doc(client, uri)
+        ids, sent_at, _ = await typing_burst(client, uri, 500, 0.02)
+        await all_answered(client, ids)
+        assert_exactly_once(client, ids)
+        st = await status(client)
+    finally:
+        assert await client.close() == 0
+    late_ms = [max(0.0, client.response_times[old] - sent_at[new]) * 1000 for old, new in zip(ids, ids[1:])]
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    print(f"\nA6 generations started {st['generationsStarted']} over {len(ids)} keystrokes; superseded answered "
+          f"p99 {p99(late_ms):.1f} ms (max {max(late_ms):.1f})")
+    assert st["generationsStarted"] <= 3 and len(calls) == st["generationsStarted"]
+    assert p99(late_ms) <= 50.0
+    last = client.responses[ids[-1]][0]
+    assert [i["insertText"] for i in last["result"]["items"]] == ["value + 1"]
+    final_line = "    return " + "".join(TYPED[i % len(TYPED)] for i in range(500))
+    prompt = "".join(s.get("text", "") for s in calls[-1]["segments"])
+    assert final_line in prompt  # the generation that answered was made for the final text
