@@ -25,6 +25,11 @@ def status(ls, params) -> dict:
     return ls.status()
 
 
+def restart_model(ls, *args) -> None:
+    """offpilot.restartModel: load the model again (after a failed load or the crash breaker)."""
+    ls.restart_engine()
+
+
 def document_state(ls, params) -> dict | None:
     uri = params.get("uri") if isinstance(params, dict) else getattr(params, "uri", None)
     if not isinstance(uri, str):
