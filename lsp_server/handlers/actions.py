@@ -9,6 +9,7 @@ that changed while the model worked.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -67,7 +68,7 @@ async def code_action(ls, params: types.CodeActionParams) -> list[types.CodeActi
     if not ls.settings.actions.enabled:
         return None
     doc = ls.store.get(params.text_document.uri)
-    if doc is None or doc.desynced or is_secret_uri(doc.uri):  # secret files get no AI actions (F10)
+    if doc is None or doc.ai_off_reason() or is_secret_uri(doc.uri):  # secret files get no AI actions (F10)
         return None
     encoding = ls.position_encoding
     # Listing reads the range leniently (clamped): some clients end a selection inside a character.
@@ -121,18 +122,24 @@ def _parse_args(ls, data) -> tuple[object, dict, int, int]:
     if not isinstance(data, dict) or not isinstance(data.get("uri"), str) or not isinstance(data.get("range"), dict):
         raise JsonRpcInvalidParams("expected an object with uri and range")
     doc = ls.store.get(data["uri"])
-    if doc is None or doc.desynced:
+    if doc is None:
         raise JsonRpcInvalidParams(f"document not open: {data['uri']}")
+    if doc.ai_off_reason():
+        raise ActionError(doc.ai_off_reason())
     version = data.get("version")
     if version is not None and version != doc.version:
         raise ActionError("the document changed since this action was offered; ask again")
     try:
         r = data["range"]
-        start = doc.offset_at(int(r["start"]["line"]), int(r["start"]["character"]), ls.position_encoding, strict=True)
-        end = doc.offset_at(int(r["end"]["line"]), int(r["end"]["character"]), ls.position_encoding, strict=True)
+        # Read leniently, as the listing did (a selection may end inside a character or past its line); the
+        # target is widened to whole lines anyway.
+        start = doc.offset_at(int(r["start"]["line"]), int(r["start"]["character"]), ls.position_encoding)
+        end = doc.offset_at(int(r["end"]["line"]), int(r["end"]["character"]), ls.position_encoding)
     except (KeyError, TypeError, ValueError) as exc:
         raise JsonRpcInvalidParams(f"bad range: {exc}") from exc
-    return doc, data, start, end
+    # A frozen copy: didChange updates the store's Document in place, and the action awaits (its parse, the
+    # model); the target, the prompt, the edit's range and its version must all come from one version.
+    return dataclasses.replace(doc), data, start, end
 
 
 async def _with_progress(ls, label: str, work):
@@ -180,7 +187,7 @@ async def _run(ls, doc, data: dict, start: int, end: int, kind: str):
     label = title(ls.actions.prompts[kind], target, data.get("diagnostic"))
     instruction = data.get("instruction") if isinstance(data.get("instruction"), str) else ""
     diagnostic = data.get("diagnostic") if isinstance(data.get("diagnostic"), dict) else None
-    version = doc.version
+    version = doc.version  # `doc` is the frozen copy from _parse_args
     outcome = await _with_progress(ls, label, lambda: ls.actions.run(
         kind, doc.text, info.name if info else None, uri_path(doc.uri), target, instruction, diagnostic))
     current = ls.store.get(doc.uri)
