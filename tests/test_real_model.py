@@ -170,3 +170,29 @@ async def test_default_model_explains_and_refactors_a_small_function(default_mod
         print("\n--- explanation ---\n" + explained["markdown"] + "\n--- refactor ---\n" + new_text)  # stdout-ok
     finally:
         await client.close()
+
+
+def test_healing_lets_the_model_finish_a_word_cut_at_the_cursor(default_model):
+    """With the cursor line forced as the start of the middle, its last word's tokens are taken back and only
+    continuations of that text are allowed: "    retu" becomes "return ..." instead of a new word after "retu"."""
+    from lsp_server.engine.backends import LlamaBackend
+    from lsp_server.engine.protocol import GenerationRequest
+    from lsp_server.prompts import Segment
+
+    backend = LlamaBackend({"model_path": str(default_model), "n_ctx": 1024})
+
+    def run(middle: str, heal: bool):
+        segments = [
+            Segment("<|fim_prefix|>", True), Segment("def add(a, b):\n"),
+            Segment("<|fim_suffix|>", True), Segment("\n\nprint(add(1, 2))\n"),
+            Segment("<|fim_middle|>", True), Segment(middle, keep="start"),
+        ]
+        request = GenerationRequest(segments=segments, single_line=True, max_tokens=16, heal_last_token=heal, stop=["<|endoftext|>"])
+        return backend.generate(request, lambda: None)
+
+    healed = run("    retu", True)
+    assert healed.text.startswith("rn "), healed
+    assert healed.prompt_tokens < run("    retu", False).prompt_tokens  # the word's tokens were taken back
+    # Indentation alone: the model writes the statement without a space of its own in front.
+    indented = run("    ", True)
+    assert indented.text[:1].isalpha(), indented

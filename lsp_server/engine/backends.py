@@ -28,6 +28,9 @@ ShouldStop = Callable[[], str | None]
 """Returns a finish reason ("cancelled", ...) when generation must stop, else None."""
 
 
+_HEALABLE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_ \t")
+
+
 def _ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000.0
 
@@ -58,30 +61,78 @@ class LlamaBackend:
         is_eog = llama_cpp.llama_vocab_is_eog
         self.end_token_ids: set[int] = set()
         self.closer_token_ids: set[int] = set()
+        self._pieces: list[bytes] = []
+        """Each token's bytes, for healing the prompt's last token."""
+        self._by_first_byte: dict[int, list[int]] = {}
         for t in range(self.llm.n_vocab()):
+            piece = self.llm.detokenize([t])
+            self._pieces.append(piece)
             if is_eog(self.vocab, t):
                 self.end_token_ids.add(t)
-            elif self.llm.detokenize([t]).lstrip()[:1] in (b")", b"]", b"}"):
+                continue
+            if piece.lstrip()[:1] in (b")", b"]", b"}"):
                 self.closer_token_ids.add(t)
+            if piece:
+                self._by_first_byte.setdefault(piece[0], []).append(t)
         self.lane = "completion"
         self._parked: dict[str, tuple[bytes, list[int]]] = {}
         self._finished_lanes: set[str] = set()
 
-    def _min_tokens_processor(self, req: GenerationRequest, prompt_len: int, stop_ids: set[int]):
-        """A logits processor that forbids ending the text during the first `req.min_tokens` tokens (in a
-        block, a leading closing bracket ends it too: the bracket rule cuts the suggestion there)."""
-        if req.min_tokens <= 0:
+    def _logits_processor(self, req: GenerationRequest, prompt_len: int, stop_ids: set[int], heal: bytes):
+        """Forbid ending the text during the first `req.min_tokens` tokens after the healed text (in a block, a
+        leading closing bracket ends it too: the bracket rule cuts the suggestion there); and while the healed
+        text is not yet written out, allow only tokens that continue it."""
+        processors = []
+        if req.min_tokens > 0:
+            banned = sorted(self.end_token_ids | stop_ids | (set() if req.single_line else self.closer_token_ids))
+
+            def forbid_end(input_ids, scores):
+                # The healed text is the user's, not the model's: the count starts after it.
+                if len(input_ids) - prompt_len < req.min_tokens or (heal and len(self._written(input_ids, prompt_len)) <= len(heal)):
+                    scores[banned] = -float("inf")
+                return scores
+
+            processors.append(forbid_end)
+        if heal:
+
+            def continue_healed(input_ids, scores):
+                written = self._written(input_ids, prompt_len)
+                if len(written) >= len(heal):
+                    return scores
+                rest = heal[len(written):]
+                allowed = [t for t in self._by_first_byte.get(rest[0], ())
+                           if self._pieces[t].startswith(rest) or rest.startswith(self._pieces[t])]
+                kept = scores[allowed].copy()
+                scores[:] = -float("inf")
+                scores[allowed] = kept
+                return scores
+
+            processors.append(continue_healed)
+        if not processors:
             return None
-        banned = sorted(self.end_token_ids | stop_ids | (set() if req.single_line else self.closer_token_ids))
-
-        def forbid_end(input_ids, scores):
-            if len(input_ids) - prompt_len < req.min_tokens:
-                scores[banned] = -float("inf")
-            return scores
-
         from llama_cpp import LogitsProcessorList
 
-        return LogitsProcessorList([forbid_end])
+        return LogitsProcessorList(processors)
+
+    def _written(self, input_ids, prompt_len: int) -> bytes:
+        return b"".join(self._pieces[t] for t in input_ids[prompt_len:])
+
+    def _heal(self, req: GenerationRequest, prompt: list[int]) -> int:
+        """How many tokens to take back from the end of a prompt that ends with plain text: the pieces of the
+        last word with the whitespace before it (at most 3 tokens; punctuation is left alone, the bracket rules
+        count what the model writes). "    retu" may be tokens "   ", " ret", "u": " ret" + "u" go back and
+        the model writes " return" as it would have without the cursor there."""
+        if not req.heal_last_token or not req.segments or req.segments[-1].special:
+            return 0
+        count = 0
+        for t in reversed(prompt[-3:]):
+            piece = self._pieces[t] if 0 <= t < len(self._pieces) else b""
+            if not piece or not all(c in _HEALABLE for c in piece):
+                break
+            count += 1
+            if piece[:1] in (b" ", b"\t"):
+                break
+        return min(count, len(prompt) - 1)
 
     def info(self, probe_tokens: list[str]) -> dict:
         meta = dict(self.llm.metadata)
@@ -143,6 +194,9 @@ class LlamaBackend:
             req.segments, tokenize_text=self._tokenize_text, tokenize_special=self._tokenize_special, bos=bos,
             max_prompt_tokens=req.max_prompt_tokens,
         ).tokens
+        healed_tokens = self._heal(req, prompt)
+        heal = b"".join(self._pieces[t] for t in prompt[len(prompt) - healed_tokens:]) if healed_tokens else b""
+        prompt = prompt[: len(prompt) - healed_tokens]
         prompt_len = len(prompt)
         prompt = prompt + list(req.resume_tokens)
         room = llm.n_ctx() - (req.max_tokens - len(req.resume_tokens))
@@ -186,7 +240,7 @@ class LlamaBackend:
         generated = len(req.resume_tokens)
         new_tokens: list[int] = []
         finish = "length"
-        processor = self._min_tokens_processor(req, prompt_len, stop_ids)
+        processor = self._logits_processor(req, prompt_len, stop_ids, heal)
         for token in llm.generate(prompt, temp=req.temperature, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
                                   logits_processor=processor):
             if not decode_started:
@@ -215,6 +269,8 @@ class LlamaBackend:
                 finish = "timeout"
                 break
         text = acc.end(finish)
+        healed = heal.decode("ascii")
+        text = text[len(healed):] if text.startswith(healed) else text
         if req.lane != "completion":
             self._finished_lanes.add(req.lane)  # nothing worth parking when the next lane comes
         return GenerationResult(

@@ -44,6 +44,10 @@ class GenerationRequest:
     """Tokens already generated for this request before it yielded; generation continues after them."""
     resume_text: str = ""
     """The text those tokens made."""
+    heal_last_token: bool = False
+    """When the prompt ends with plain text (a forced start of the middle): take its last token back and let the
+    model choose how to write it (any token that starts with that text, or a shorter piece of it), so a word or
+    indentation cut at the cursor does not force a token split the model never saw in training."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
