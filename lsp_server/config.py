@@ -40,6 +40,9 @@ class ModelSettings:
     reuse_kv_cache: bool = True
     """Keep the model's KV cache between requests and evaluate only the prompt tokens after the longest common
     prefix (off: every request evaluates its whole prompt; for measuring)."""
+    gpu_oom_retry: bool = True
+    """When the model runs out of GPU memory while loading, load it again with half the GPU layers, down to
+    CPU only (off: the load fails with a message)."""
 
 
 @dataclass
@@ -97,6 +100,9 @@ class WorkerSettings:
     """Longest delay between restarts of a crashing model worker."""
     load_timeout_s: float = 300.0
     """A model load that takes longer counts as a failed start."""
+    hang_timeout_s: float = 10.0
+    """A generation that makes no progress (no token, no prompt chunk) for this long means the worker hangs: it
+    is killed and restarted, and the request answered; 0 never."""
 
 
 @dataclass

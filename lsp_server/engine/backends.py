@@ -36,7 +36,7 @@ def _ms(since: float) -> float:
 
 
 class LlamaBackend:
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, on_plan: Callable[[dict], None] | None = None) -> None:
         from llama_cpp import Llama, llama_cpp  # imported here: the server process never loads llama.cpp
 
         self._llama_cpp = llama_cpp
@@ -49,12 +49,19 @@ class LlamaBackend:
             vram_budget_mb=int(config.get("vram_budget_mb") or 0), n_threads=int(config.get("n_threads") or 0),
         )
         log.info("plan: %s (%s)", self.plan.summary(), "; ".join(self.plan.reasons))
-        self.llm = Llama(
-            model_path=config["model_path"],
-            n_batch=max(self.chunk, 512),
-            verbose=bool(config.get("verbose", False)),
-            **self.plan.llama_kwargs(),
-        )
+        if on_plan is not None:
+            on_plan(self.plan.to_dict())  # before loading: an out-of-memory abort leaves no other trace
+        try:
+            self.llm = Llama(
+                model_path=config["model_path"],
+                n_batch=max(self.chunk, 512),
+                verbose=bool(config.get("verbose", False)),
+                **self.plan.llama_kwargs(),
+            )
+        except ValueError as exc:
+            # llama.cpp says only "Failed to load model from file"; the header reader said why.
+            header = [r for r in self.plan.reasons if r.startswith("the GGUF header could not be read")]
+            raise ValueError(f"{exc} ({header[0]})" if header else str(exc)) from None
         self.vocab = self.llm._model.vocab
         # Once per load (about 0.7 s for a 150k vocabulary): the tokens that end a text, and those that start
         # with a closing bracket (in a block, one closes something opened before the cursor: the block ends).
@@ -301,18 +308,38 @@ class FakeBackend:
     prefill_delay_ms: time before the first piece, checked for cancellation every prefill_chunk_ms
         (default 5; a real prefill can only stop between chunks);
     crash_on_generate: exit the process with this code when a generation starts;
+    crash_signal: die of a signal instead: "abort" (SIGABRT, as llama.cpp's GGML_ABORT) or "segv" (a real
+        segmentation fault in native code);
+    crash_after_tokens: crash after this many pieces instead of at the start;
+    hang: stop making progress (no token, no cancellation check, as a hung GPU kernel) after
+        hang_after_tokens pieces (default 0);
+    garbage: answer with hostile text in turn (special tokens, bidi controls, NULs, a 100 KB line, 1,000 lines);
+    fault_file: the crash and hang faults apply only while this path exists (a test repairs the model by
+        deleting it: the worker is a new process after each crash, so it cannot count);
     load_delay_ms / load_error: slow or failed model load;
+    gpu_layers / oom_above_layers / oom_mode: GPU out-of-memory at load. gpu_layers is what the plan offloads
+        when n_gpu_layers is -1; a load with more than oom_above_layers layers fails as llama.cpp does:
+        oom_mode "raise" (llama-cpp-python's ValueError, the default) or "abort" (GGML_ABORT: SIGABRT);
     record_path: append each request (JSON line) to this file, for tests that inspect prompts.
     """
 
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, n_gpu_layers: int = -1, on_plan: Callable[[dict], None] | None = None) -> None:
         self.config = config
+        layers = n_gpu_layers if n_gpu_layers >= 0 else int(config.get("gpu_layers", 0))
+        self.plan = {"device": "fake-gpu" if layers else "cpu", "n_gpu_layers": layers}
+        if on_plan is not None:
+            on_plan(self.plan)
         delay = float(config.get("load_delay_ms", 0)) / 1000.0
         if delay:
             time.sleep(delay)
         if config.get("load_error"):
             raise RuntimeError(str(config["load_error"]))
-        self.outputs = list(config.get("outputs") or ["return 42"])
+        limit = config.get("oom_above_layers")
+        if limit is not None and layers > int(limit):
+            if config.get("oom_mode") == "abort":
+                os.abort()
+            raise ValueError("Failed to create llama_context")
+        self.outputs = list(config.get("outputs") or (GARBAGE_OUTPUTS if config.get("garbage") else ["return 42"]))
         self.action_outputs = list(config.get("action_outputs") or self.outputs)
         self.calls = {"completion": 0, "action": 0}
 
@@ -320,15 +347,32 @@ class FakeBackend:
         fim = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_sep|>", "<|repo_name|>", "<|endoftext|>"]
         scripted = hashlib.sha256(json.dumps(self.outputs).encode()).hexdigest()[:16]
         return {"architecture": "fake", "name": "fake", "special_tokens": [t for t in probe_tokens if t in fim], "n_ctx": 4096,
-                "n_vocab": 0, "fingerprint": f"fake:{scripted}"}
+                "n_vocab": 0, "fingerprint": f"fake:{scripted}", "plan": self.plan}
+
+    def _faulty(self) -> bool:
+        path = self.config.get("fault_file")
+        return not path or os.path.exists(path)
+
+    def _crash_or_hang(self, pieces_done: int) -> None:
+        """Die or hang here when the config says so (after `pieces_done` generated pieces)."""
+        config = self.config
+        if (config.get("crash_on_generate") or config.get("crash_signal")) and pieces_done == int(config.get("crash_after_tokens", 0)):
+            if self._faulty():
+                signal_name = config.get("crash_signal")
+                if signal_name == "abort":
+                    os.abort()
+                if signal_name == "segv":
+                    ctypes.string_at(0)  # reads address 0: SIGSEGV in native code, no Python exception
+                os._exit(int(config.get("crash_on_generate") or 1))
+        if config.get("hang") and pieces_done == int(config.get("hang_after_tokens", 0)) and self._faulty():
+            while True:  # no token, no should_stop(): only a kill ends this
+                time.sleep(3600)
 
     def generate(self, req: GenerationRequest, should_stop: ShouldStop) -> GenerationResult:
         started = time.perf_counter()
         if self.config.get("record_path"):
             with open(self.config["record_path"], "a", encoding="utf-8") as f:
                 f.write(json.dumps(req.to_dict()) + "\n")
-        if self.config.get("crash_on_generate"):
-            os._exit(int(self.config["crash_on_generate"]))
         prompt = build_prompt_tokens(
             req.segments, tokenize_text=fake_tokenize, tokenize_special=lambda s: [0], bos=[], max_prompt_tokens=req.max_prompt_tokens
         )
@@ -355,6 +399,7 @@ class FakeBackend:
         finish = "eog"
         generated = skip
         delay_s = float(self.config.get("token_delay_ms", 0)) / 1000.0
+        self._crash_or_hang(generated)
         for piece in _FAKE_TOKEN.findall(output)[skip:]:
             reason = should_stop()
             if reason == "yield":
@@ -373,6 +418,7 @@ class FakeBackend:
             if generated >= req.max_tokens:
                 finish = "length"
                 break
+            self._crash_or_hang(generated)
         text = acc.end(finish)
         return GenerationResult(
             text=text,
@@ -384,10 +430,21 @@ class FakeBackend:
         )
 
 
-def make_backend(config: dict):
+GARBAGE_OUTPUTS = [
+    # Special tokens a broken model or template leaks, bidi controls (Trojan Source), NULs, zero-width and Tags.
+    "value\x00 + 1 \u202eevil\u202c \u2066x\u2069\u200b\U000E0041 <|fim_pad|><|im_end|> tail",
+    "B" * 100_000,  # one 100 KB line (sent as a single piece: the fake's pieces are words)
+    "\n".join(f"line_{i} = {i}" for i in range(1000)),
+    "<|fim_middle|><|endoftext|><|file_sep|>",
+]
+"""What `garbage: true` answers, in turn."""
+
+
+def make_backend(config: dict, on_plan: Callable[[dict], None] | None = None):
+    """The configured backend; `on_plan` hears the placement plan (GPU layers) before the model loads."""
     kind = config.get("backend", "llama")
     if kind == "fake":
-        return FakeBackend(config.get("fake") or {})
+        return FakeBackend(config.get("fake") or {}, int(config.get("n_gpu_layers", -1)), on_plan)
     if kind == "llama":
-        return LlamaBackend(config)
+        return LlamaBackend(config, on_plan)
     raise ValueError(f"unknown backend {kind!r}")

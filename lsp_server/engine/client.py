@@ -25,7 +25,40 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STOPPED, LOADING, READY, FAILED, BACKOFF = "stopped", "loading", "ready", "failed", "backoff"
+STOPPED, LOADING, READY, FAILED, BACKOFF, DISABLED = "stopped", "loading", "ready", "failed", "backoff", "disabled"
+
+OOM_SIGNS = ("failed to create llama_context", "out of memory", "failed to allocate", "cudamalloc",
+             "failed to load model from file")
+"""Load errors that, with GPU layers in the plan, mean the model did not fit (llama-cpp-python says only
+"Failed to load model from file" when the weights' buffer cannot be allocated; a file the header reader
+rejected never gets a GPU plan, so a bad file is not mistaken for this)."""
+
+
+class RestartPolicy:
+    """When to restart a crashed worker: back-off doubling from `initial_s` up to `max_s` over consecutive
+    crashes (a worker that stayed up `stable_s` ends the series), and a circuit breaker that gives up after
+    `breaker_crashes` crashes within `window_s`."""
+
+    def __init__(self, initial_s: float = 1.0, max_s: float = 60.0, breaker_crashes: int = 3, window_s: float = 60.0,
+                 stable_s: float = 60.0) -> None:
+        self.initial_s, self.max_s = initial_s, max_s
+        self.breaker_crashes, self.window_s, self.stable_s = breaker_crashes, window_s, stable_s
+        self.crashes: list[float] = []
+        self.consecutive = 0
+
+    def on_crash(self, now: float, up_since: float | None) -> float | None:
+        """The delay before the next start, or None when the breaker trips."""
+        self.crashes = [t for t in self.crashes if now - t < self.window_s] + [now]
+        if self.breaker_crashes > 0 and len(self.crashes) >= self.breaker_crashes:
+            return None
+        if up_since is not None and now - up_since >= self.stable_s:
+            self.consecutive = 0
+        self.consecutive += 1
+        return min(self.max_s, self.initial_s * (2 ** (self.consecutive - 1)))
+
+    def reset(self) -> None:
+        self.crashes.clear()
+        self.consecutive = 0
 
 
 @dataclass
@@ -43,6 +76,15 @@ class WorkerConfig:
     fake: dict = field(default_factory=dict)
     restart_backoff_initial_s: float = 1.0
     restart_backoff_max_s: float = 60.0
+    breaker_crashes: int = 3
+    """Crashes within breaker_window_s that turn the model off until a settings change or a restart command."""
+    breaker_window_s: float = 60.0
+    hang_timeout_s: float = 10.0
+    """A job that hears nothing from the worker for this long: the worker hangs, it is killed (0: never)."""
+    gpu_oom_retry: bool = True
+    """A load that runs out of GPU memory is retried with half the GPU layers, down to none."""
+    load_timeout_s: float = 300.0
+    """A load that takes longer is a failed load (the worker is killed)."""
 
     @staticmethod
     def from_settings(settings: "Settings", probe_tokens: list[str], model_path: str = "") -> "WorkerConfig":
@@ -54,6 +96,9 @@ class WorkerConfig:
             reuse_kv_cache=m.reuse_kv_cache,
             restart_backoff_initial_s=settings.worker.restart_backoff_initial_s,
             restart_backoff_max_s=settings.worker.restart_backoff_max_s,
+            hang_timeout_s=settings.worker.hang_timeout_s,
+            load_timeout_s=settings.worker.load_timeout_s,
+            gpu_oom_retry=settings.model.gpu_oom_retry,
         )
 
 
@@ -79,7 +124,16 @@ class WorkerClient:
         self._fd_to_worker: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self._crashes: list[float] = []
+        self.policy = RestartPolicy()
+        self.starts = 0
+        """Worker processes started (loads, restarts after crashes, out-of-memory retries)."""
+        self.crashes = 0
+        self._ready_at: float | None = None
+        self._load_error = ""
+        self._load_plan: dict = {}
+        self._hung = False
+        self._last_progress = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         self._restart_handle: asyncio.TimerHandle | None = None
         self._ready_event: asyncio.Event | None = None
         self.generations_started = 0
@@ -89,9 +143,16 @@ class WorkerClient:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        """Start (or start again, after `stop`) with the current config: crash history and back-off start over."""
         self._loop = asyncio.get_running_loop()
         self._ready_event = self._ready_event or asyncio.Event()
         self._closing = False
+        if self._restart_handle:
+            self._restart_handle.cancel()
+            self._restart_handle = None
+        self._answer_all("model worker restarted")  # jobs of a stopped worker whose exit was not seen yet
+        self.policy = RestartPolicy(self.config.restart_backoff_initial_s, self.config.restart_backoff_max_s,
+                                    self.config.breaker_crashes, self.config.breaker_window_s)
         self._spawn()
 
     def fail(self, detail: str) -> None:
@@ -102,7 +163,7 @@ class WorkerClient:
     def _set_state(self, state: str, detail: str = "") -> None:
         self.state, self.detail = state, detail
         if self._ready_event is not None:
-            if state == READY or state == FAILED:
+            if state in (READY, FAILED, DISABLED):
                 self._ready_event.set()
             else:
                 self._ready_event.clear()
@@ -133,6 +194,8 @@ class WorkerClient:
             "--fd-in", str(to_worker_r), "--fd-out", str(from_worker_w), "--config", json.dumps(config),
         ]
         self._set_state(LOADING, os.path.basename(self.config.model_path) or self.config.backend)
+        self._load_error, self._load_plan, self._hung, self._ready_at = "", {}, False, None
+        self.starts += 1
         # The worker's fd 1 is our stderr: llama.cpp may print while loading, and our stdout is JSON-RPC.
         self._proc = subprocess.Popen(
             cmd,
@@ -147,6 +210,14 @@ class WorkerClient:
         self.pid = self._proc.pid
         self._fd_to_worker = to_worker_w
         threading.Thread(target=self._read_loop, args=(from_worker_r, self._proc), daemon=True).start()
+        if self.config.load_timeout_s > 0 and self._loop is not None:
+            self._loop.call_later(self.config.load_timeout_s, self._check_load, self._proc)
+
+    def _check_load(self, proc: subprocess.Popen) -> None:
+        if proc is self._proc and self.state == LOADING and proc.poll() is None:
+            self._load_error = f"the model did not load within {self.config.load_timeout_s:g} s"
+            log.error("%s: killing the worker", self._load_error)
+            proc.kill()
 
     def _read_loop(self, fd: int, proc: subprocess.Popen) -> None:
         try:
@@ -177,14 +248,20 @@ class WorkerClient:
         if proc is not self._proc:
             return
         ev = msg.get("ev")
-        if ev == "ready":
+        if ev == "tick":
+            self._last_progress = time.monotonic()
+        elif ev == "ready":
             self.info = msg.get("info") or {}
+            self._ready_at = time.monotonic()
             self._set_state(READY, self.info.get("name", ""))
             log.info("model ready: %s", self.info.get("name") or self.config.model_path)
+        elif ev == "plan":
+            self._load_plan = msg.get("plan") or {}
         elif ev == "load_failed":
             self._load_error = str(msg.get("error", "unknown error"))
             log.error("model load failed: %s", self._load_error)
         elif ev == "done":
+            self._last_progress = time.monotonic()
             job = self._jobs.pop(int(msg["id"]), None)
             self._lanes.pop(int(msg["id"]), None)
             if job and not job.future.done():
@@ -201,30 +278,69 @@ class WorkerClient:
             except OSError:
                 pass
             self._fd_to_worker = None
-        for job in list(self._jobs.values()):
-            if not job.future.done():
-                job.future.set_result(GenerationResult(finish="crashed", error=f"model worker exited with {code}"))
-        self._jobs.clear()
-        self._lanes.clear()
+        why = (f"model worker hung (no progress for {self.config.hang_timeout_s:g} s)" if self._hung
+               else f"model worker exited with {code}")
+        self._answer_all(why)
         if self._closing:
             self._set_state(STOPPED)
             return
-        load_error = getattr(self, "_load_error", "")
+        load_error, self._load_error = self._load_error, ""
         if self.state == LOADING:
-            # A model that cannot load will not load on a retry: wait for a new configuration.
-            self._load_error = ""
+            layers = int(self._load_plan.get("n_gpu_layers") or 0)
+            if self.config.gpu_oom_retry and layers > 0 and (
+                    any(sign in load_error.lower() for sign in OOM_SIGNS) or (not load_error and code != 0)):
+                # Out of GPU memory (an exception, or llama.cpp's abort): fewer layers may fit.
+                self.config.n_gpu_layers = layers // 2
+                log.warning("the model did not load with %d GPU layers (%s); trying %d", layers,
+                            load_error or f"exit code {code}", self.config.n_gpu_layers)
+                self._spawn()
+                return
+            # A model that cannot load will not load on a retry: wait for a new configuration or a command.
             self._set_state(FAILED, load_error or f"model worker exited with code {code} while loading")
             return
         now = time.monotonic()
-        self._crashes = [t for t in self._crashes if now - t < 60.0] + [now]
-        delay = min(
-            self.config.restart_backoff_max_s,
-            self.config.restart_backoff_initial_s * (2 ** (len(self._crashes) - 1)),
-        )
-        log.warning("model worker exited with code %s; restarting in %.1f s", code, delay)
-        self._set_state(BACKOFF, f"restarting in {delay:.0f} s")
+        self.crashes += 1
+        delay = self.policy.on_crash(now, self._ready_at)
+        if delay is None:
+            log.error("%s; %d crashes within %.0f s: the model is off until the settings change or "
+                      "offpilot.restartModel", why, len(self.policy.crashes), self.policy.window_s)
+            self._set_state(DISABLED, f"the model worker crashed {len(self.policy.crashes)} times in "
+                                      f"{self.policy.window_s:.0f} s ({why}); it stays off until the model settings "
+                                      "change or the offpilot.restartModel command")
+            return
+        log.warning("%s; restarting in %.1f s", why, delay)
+        self._set_state(BACKOFF, f"restarting in {delay:g} s")
         assert self._loop is not None
         self._restart_handle = self._loop.call_later(delay, self._restart)
+
+    def _answer_all(self, why: str) -> None:
+        """Every job still waiting gets its answer: the worker that had it is gone."""
+        for job in list(self._jobs.values()):
+            if not job.future.done():
+                job.future.set_result(GenerationResult(finish="crashed", error=why))
+        self._jobs.clear()
+        self._lanes.clear()
+
+    # ---- hang watchdog -----------------------------------------------------------------------------------
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is None and self.config.hang_timeout_s > 0 and self._loop is not None:
+            self._watchdog = self._loop.call_later(min(1.0, self.config.hang_timeout_s / 4), self._check_hang)
+
+    def _check_hang(self) -> None:
+        self._watchdog = None
+        proc = self._proc
+        if not self._jobs or proc is None or self._closing:
+            return
+        silent_s = time.monotonic() - self._last_progress
+        if silent_s >= self.config.hang_timeout_s:
+            log.warning("model worker %d made no progress for %.1f s: killing it", proc.pid, silent_s)
+            self._hung = True
+            try:
+                proc.kill()  # the reader sees the pipe close: _on_exit answers the jobs and restarts
+            except OSError:
+                pass
+            return
+        self._arm_watchdog()
 
     def _restart(self) -> None:
         self._restart_handle = None
@@ -275,8 +391,11 @@ class WorkerClient:
         if self.state != READY or self._fd_to_worker is None:
             job.future.set_result(GenerationResult(finish="not_ready", error=self.state))
             return job
+        if not self._jobs:
+            self._last_progress = time.monotonic()  # only when idle: a stream of submits must not hide a hang
         self._jobs[job.id] = job
         self._lanes[job.id] = request.lane
+        self._arm_watchdog()
         completions = sum(1 for lane in self._lanes.values() if lane == "completion")
         self.max_in_flight = max(self.max_in_flight, completions)
         try:

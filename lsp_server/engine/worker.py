@@ -19,12 +19,16 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 
 from .protocol import GenerationRequest, GenerationResult, read_frame, write_frame
 
 log = logging.getLogger("offpilot.worker")
+
+TICK_S = 0.5
+"""Most time between two progress messages while a generation advances."""
 
 
 class _Jobs:
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .backends import make_backend
 
-        backend = make_backend(config)
+        backend = make_backend(config, on_plan=lambda plan: send({"ev": "plan", "plan": plan}))
         info = backend.info(list(config.get("probe_tokens", [])))
     except Exception as exc:  # a bad model file must be reported, not crash silently
         log.error("model load failed: %s", exc)
@@ -135,7 +139,15 @@ def main(argv: list[str] | None = None) -> int:
                 job_id, request = jobs.actions.popleft()
             jobs.running_id = job_id
 
+        last_tick = [time.monotonic()]
+
         def should_stop(job_id: int = job_id, lane: str = request.lane) -> str | None:
+            # Called between tokens and prefill chunks: the server's hang watchdog hears from us at least
+            # every TICK_S while generation makes progress, and nothing when it is stuck (in C or not).
+            now = time.monotonic()
+            if now - last_tick[0] >= TICK_S:
+                last_tick[0] = now
+                send({"ev": "tick", "id": job_id})
             if job_id in jobs.cancelled or jobs.closed:
                 return "cancelled"
             if jobs.waiting is not None:
