@@ -22,7 +22,7 @@ from string import Template
 
 from . import languages, postprocess, prompts, redact
 from .config import Settings
-from .context import indent_unit
+from .context import document_eol, indent_unit
 from .context.syntax import count_errors, parse_bytes
 from .engine.client import READY, Job
 from .engine.protocol import GenerationRequest, GenerationResult
@@ -266,10 +266,10 @@ def cut_at_sentence(markdown: str) -> str:
     return markdown.rstrip() + " …"
 
 
-def extract_code(text: str) -> str | None:
+def extract_code(text: str, context: str = "") -> str | None:
     """The code of the answer: its longest fenced block, or the whole answer when it has no fence and
     reads as code (no prose line before it). None when there is no code."""
-    text = postprocess.strip_special_tokens(text)
+    text = postprocess.strip_special_tokens(text, context)  # hidden characters only where the code had them
     blocks = [m.group(2) for m in _FENCE.finditer(text)]
     if blocks:
         return max(blocks, key=len).rstrip("\n")
@@ -289,8 +289,7 @@ def fit_code(code: str, target: ActionTarget, document: str) -> str:
         code = postprocess.match_indentation("\n" + code, "\t")[1:]
     base = target.indent
     lines = [(base + line) if line.strip() else "" for line in code.split("\n")]
-    eol = "\r\n" if "\r\n" in document else "\n"
-    return eol.join(lines)
+    return document_eol(document).join(lines)
 
 
 def parse_errors(language: str | None, text: str, deadline_s: float = 1.0) -> int | None:
@@ -374,7 +373,7 @@ class ActionService:
                 if not outcome.markdown:
                     raise ActionError("the model gave an empty explanation")
                 return outcome
-            code = extract_code(result.text)
+            code = extract_code(result.text, target.text)
             if code is None or not code.strip():
                 outcome.notes.append(f"attempt {outcome.attempts}: no code in the answer")
                 continue

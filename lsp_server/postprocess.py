@@ -6,30 +6,64 @@ import re
 
 from .context import CompletionContext
 
-MAX_SUGGESTION_CHARS = 8 * 1024
+MAX_SUGGESTION_BYTES = 8 * 1024
+"""An inline suggestion is at most 8 KB (UTF-8, with the document's line ends) and 200 lines (reliability.md D4)."""
 MAX_SUGGESTION_LINES = 200
-# Bidi controls, zero-width characters and the Tags block can hide what inserted code does.
-_INVISIBLE = re.compile("[\u202a-\u202e\u2066-\u2069\u200b-\u200f\u2060\ufeff\U000e0000-\U000e007f]")
-_SPECIAL_TOKEN = re.compile(r"<\|[a-z_]+\|>|<fim_[a-z]+>|<file_sep>|<｜[^｜]*｜>|▁<[A-Z]{3}>|\[(?:PREFIX|SUFFIX|MIDDLE)\]")
+# Bidi controls can make code read differently from what it does (Trojan Source): never inserted.
+_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
+# Zero-width characters and the Tags block hide text; inserted only where the code around already has them.
+_HIDDEN = re.compile("[\u200b-\u200f\u2060\ufeff\U000e0000-\U000e007f]")
+# FIM and special tokens of the supported families, and end-of-text strings, as text the model wrote out.
+_SPECIAL_TOKEN = re.compile(
+    r"<\|[a-z_]+\|>|<fim_[a-z]+>|<file_sep>|<repo_name>|<｜[^｜]*｜>|▁?<(?:PRE|SUF|MID|EOT)>|\[(?:PREFIX|SUFFIX|MIDDLE)\]|</s>"
+)
 
 
 _CHAT_TOKEN = re.compile(r"<\|[A-Za-z_]+\|>|<(?:start|end)_of_turn>|\[/?INST\]")
 MAX_ANSWER_CHARS = 64 * 1024
 
 
-def strip_special_tokens(text: str) -> str:
-    """A chat answer up to its first special token (FIM or chat), without invisible or bidi controls, and
-    within MAX_ANSWER_CHARS."""
+def strip_invisible(text: str, context: str = "") -> str:
+    """`text` without bidi controls, and without zero-width or Tags characters other than those `context` has."""
+    text = _BIDI.sub("", text)
+    if not _HIDDEN.search(text):
+        return text
+    allowed = set(_HIDDEN.findall(context))
+    return _HIDDEN.sub(lambda m: m.group() if m.group() in allowed else "", text)
+
+
+def strip_special_tokens(text: str, context: str = "") -> str:
+    """A chat answer up to its first special token (FIM or chat), without invisible or bidi controls (those
+    the code it is about already has excepted), and within MAX_ANSWER_CHARS."""
     text = _SPECIAL_TOKEN.split(text, maxsplit=1)[0]
     text = _CHAT_TOKEN.split(text, maxsplit=1)[0]
-    return _INVISIBLE.sub("", text)[:MAX_ANSWER_CHARS]
+    return strip_invisible(text, context)[:MAX_ANSWER_CHARS]
+
+
+def cap_size(text: str, eol: str, max_bytes: int = MAX_SUGGESTION_BYTES, max_lines: int = MAX_SUGGESTION_LINES) -> str:
+    """At most `max_lines` lines and `max_bytes` UTF-8 bytes once written with `eol`, cut at a line end when
+    there is one (a half line is worse than a shorter suggestion)."""
+    lines = text.split("\n")[:max_lines]
+    text = "\n".join(lines)
+    if len(text.encode("utf-8", "surrogatepass")) + (len(eol) - 1) * text.count("\n") <= max_bytes:
+        return text
+    kept, size = [], 0
+    for line in lines:
+        cost = len(line.encode("utf-8", "surrogatepass")) + (len(eol) if kept else 0)
+        if size + cost > max_bytes:
+            break
+        kept.append(line)
+        size += cost
+    if kept:
+        return "\n".join(kept)
+    # One over-long line: as many whole characters as fit.
+    return lines[0].encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore")
 
 
 def clean(text: str, ctx: CompletionContext, surrounding: str = "") -> str:
     """Sanitize, trim overlap with the code after the cursor, match the document's line ends."""
     text = _SPECIAL_TOKEN.split(text, maxsplit=1)[0]
-    if not _INVISIBLE.search(surrounding):
-        text = _INVISIBLE.sub("", text)
+    text = strip_invisible(text, surrounding)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if ctx.single_line:
         text = text.rstrip()
@@ -39,12 +73,7 @@ def clean(text: str, ctx: CompletionContext, surrounding: str = "") -> str:
         text = text.rstrip()
         text = drop_repeated_suffix_lines(text, ctx.suffix)
         text = match_indentation(text, ctx.indent_unit)
-    lines = text.split("\n")
-    if len(lines) > MAX_SUGGESTION_LINES:
-        text = "\n".join(lines[:MAX_SUGGESTION_LINES])
-    if len(text) > MAX_SUGGESTION_CHARS:
-        text = text[:MAX_SUGGESTION_CHARS]
-        text = text[: text.rfind("\n")] if "\n" in text else text
+    text = cap_size(text, ctx.eol)
     if not text.strip():
         return ""
     if ctx.line_suffix.strip() and text.strip() == ctx.line_suffix.strip():

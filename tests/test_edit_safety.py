@@ -190,3 +190,137 @@ async def test_an_action_listed_for_a_range_past_the_line_end_resolves():
     assert resolved.edit is not None, ls.messages
     version, edits = edits_of(ls, resolved.edit)
     assert edits[0][0] == (3, 0)
+
+
+# ---- D2 / D4: garbage and hostile model outputs -------------------------------------------------------------------
+SPECIAL = ["<|fim_middle|>", "<|fim_prefix|>", "<|endoftext|>", "<|im_end|>", "<|file_sep|>", "<|repo_name|>", "<fim_suffix>",
+           "<fim_middle>", "<file_sep>", "<repo_name>", "<｜fim▁hole｜>", "<｜end▁of▁sentence｜>", "<EOT>", " <MID>", "▁<SUF>",
+           "[SUFFIX]", "[PREFIX]", "</s>", "<|file_separator|>"]
+BIDI = ["\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069"]
+HIDDEN = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\U000e0041", "\U000e007f"]
+CODE = ["x", "return ", "w * h", "(", ")", ":", "def g(a):", "    ", "\t", "pass", "名前", "😀", "'s'", "# c", "}", "{"]
+LINE_ENDS = ["\n", "\n", "\r\n", "\r"]
+garbage = st.lists(
+    st.one_of(st.sampled_from(CODE), st.sampled_from(LINE_ENDS), st.sampled_from(SPECIAL), st.sampled_from(BIDI),
+              st.sampled_from(HIDDEN), st.just("y = 1\n" * 300), st.just("z" * 9000), st.just("```python\n"), st.just("```\n")),
+    max_size=25,
+).map("".join)
+
+
+def assert_sanitized(text: str, context: str, eol: str) -> None:
+    for token in SPECIAL:
+        assert token.strip() not in text, f"special token {token!r} in {text!r}"
+    assert not any(ch in text for ch in BIDI), f"bidi control in {text!r}"
+    for ch in HIDDEN:
+        assert ch not in text or ch in context, f"hidden {ch!r} inserted where the context has none"
+    bare = text.replace(eol, "")
+    assert "\n" not in bare and "\r" not in bare, f"line ends other than {eol!r} in {text!r}"
+
+
+DOCS = {
+    "lf": "def area(w, h):\n    return w * h\n\n\ndef f(x):\n    y = x\n    \n",
+    "crlf": "def area(w, h):\r\n    return w * h\r\n\r\n\r\ndef f(x):\r\n    y = x\r\n    \r\n",
+    "cr": "def area(w, h):\r    return w * h\r\r\rdef f(x):\r    y = x\r    \r",
+    "hidden": "def area(w, h):\n    s = 'a\u200bb\U000e0041'\n    return w * h\n\n\ndef f(x):\n    y = x\n    \n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DOCS))
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(output=garbage, encoding=st.sampled_from([UTF8, UTF16, UTF32]), where=st.sampled_from(["block", "line"]))
+def test_inline_items_are_sanitized_and_confined_to_the_cursor(kind, output, encoding, where):
+    """D2 + D4 for inline items, through the inline handler: the item inserts at the cursor (an empty range
+    there), and its text has no special tokens, no bidi controls, no hidden characters the context lacks,
+    the document's line ends, at most 8 KB and 200 lines."""
+    text = DOCS[kind]
+    eol = "\r\n" if kind == "crlf" else "\r" if kind == "cr" else "\n"
+    lines = re.split(r"\r\n|\r|\n", text)
+    line = len(lines) - 2 if where == "block" else 5
+    column = len(lines[line])  # the end of the line: `    ` (a block) or `    y = x` (a line)
+    ls = make_ls([output], encoding=encoding)
+    doc = open_doc(ls, text)
+    character = doc.position_at(doc.offset_at(line, column, UTF32), encoding)[1]
+    params = types.InlineCompletionParams(text_document=types.TextDocumentIdentifier(uri=URI), position=point(line, character),
+                                          context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked))
+    items = asyncio.run(inline_handlers.inline_completion(ls, params)).items
+    assert len(items) <= 1
+    for item in items:
+        assert item.range == types.Range(start=point(line, character), end=point(line, character))
+        assert item.command is None
+        assert_sanitized(item.insert_text, text, eol)
+        assert len(item.insert_text.encode("utf-8")) <= postprocess.MAX_SUGGESTION_BYTES
+        assert len(re.split(r"\r\n|\r|\n", item.insert_text)) <= postprocess.MAX_SUGGESTION_LINES
+        after = apply_text_edits(text, [((line, character), (line, character), item.insert_text)], encoding)
+        cut = doc.offset_at(line, character, encoding)
+        assert after[:cut] == text[:cut] and after.endswith(text[cut:])
+
+
+@pytest.mark.parametrize("resolve_edits", [True, False], ids=["resolve", "command"])
+@settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(body=garbage, fenced=st.booleans(), kind=st.sampled_from(["lf", "crlf", "hidden"]))
+def test_refactor_edits_stay_inside_the_target(resolve_edits, body, fenced, kind):
+    """D2 for refactors: one TextDocumentEdit of the request's document at the version asked about, no file
+    operations, a range inside the function around the cursor, text outside it untouched; D4 on the new text."""
+    text = DOCS[kind]
+    eol = "\r\n" if kind == "crlf" else "\n"
+    output = f"Here:\n```python\ndef area(w, h):\n{body}\n```\n" if fenced else body
+    ls = make_ls([output], resolve_edits=resolve_edits)
+    open_doc(ls, text, version=3)
+
+    async def run():
+        listed = await action_handlers.code_action(ls, action_params(1, 6))
+        action = next(a for a in listed if a.kind == types.CodeActionKind.RefactorRewrite)
+        if resolve_edits:
+            assert action.command is None and action.edit is None
+            return (await action_handlers.resolve(ls, action)).edit
+        assert action.command.command == "offpilot.applyAction" and action.command.arguments == [action.data]
+        sent = []
+
+        async def apply_edit(params):
+            sent.append(params.edit)
+            return types.ApplyWorkspaceEditResult(applied=True)
+
+        ls.workspace_apply_edit_async = apply_edit
+        reply = await action_handlers.apply_action(ls, *action.command.arguments)
+        assert reply["applied"] == bool(sent)
+        return sent[0] if sent else None
+
+    edit = asyncio.run(run())
+    if edit is None:
+        return  # nothing usable in the answer: no edit at all is a safe outcome
+    version, edits = edits_of(ls, edit)
+    assert version == 3 and len(edits) == 1
+    (start, end, new_text), = edits
+    function_end = text.index("return w * h") + len("return w * h")
+    assert start == (0, 0) and end == DocumentStore().open("file:///t", "", 1, text).position_at(function_end, UTF16)
+    assert_sanitized(new_text, text[:function_end], eol)
+    after = apply_text_edits(text, edits, UTF16)
+    assert after.endswith(text[function_end:])  # nothing after the function changed
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(output=garbage, context=st.sampled_from(list(DOCS.values())))
+def test_clean_never_lets_through_what_d4_forbids(output, context):
+    snap = Snapshot(URI, 1, context, len(context), "python")
+    ctx = build_context(snap, Settings().completion)
+    text = postprocess.clean(output, ctx, context)
+    assert_sanitized(text, context, ctx.eol)
+    assert len(text.encode("utf-8")) <= postprocess.MAX_SUGGESTION_BYTES
+    assert len(re.split(r"\r\n|\r|\n", text)) <= postprocess.MAX_SUGGESTION_LINES
+
+
+def test_a_refactor_keeps_the_zero_width_characters_its_code_had():
+    """Stripping every zero-width character from a rewrite would silently change a string literal that holds one."""
+    code = "def area(w, h):\n    s = 'a\u200bb'\n    return w * h\n"
+    answer = "```python\ndef area(width, height):\n    s = 'a\u200bb\u202e'\n    return width * height\n```"
+    ls = make_ls([answer])
+    open_doc(ls, code)
+    resolved = asyncio.run(_resolve_first_refactor(ls, 1, 6))
+    new_text = edits_of(ls, resolved.edit)[1][0][2]
+    assert "'a\u200bb'" in new_text and "\u202e" not in new_text
+
+
+async def _resolve_first_refactor(ls, line, character):
+    listed = await action_handlers.code_action(ls, action_params(line, character))
+    action = next(a for a in listed if a.kind == types.CodeActionKind.RefactorRewrite)
+    return await action_handlers.resolve(ls, action)
