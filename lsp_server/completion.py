@@ -106,6 +106,10 @@ class Prepared:
     template: prompts.FimTemplate
 
 
+_FOLLOW_GRACE_S = 0.3
+"""How long a generation whose request the client cancelled waits for a newer request to follow it."""
+
+
 @dataclass
 class _Request:
     seq: int
@@ -113,6 +117,20 @@ class _Request:
     request: GenerationRequest
     future: asyncio.Future
     job: Job | None = None
+    prepared: Prepared | None = None
+    key: str = ""
+    followers: int = 0
+    """Newer requests waiting for this request's generation (see completion.follow_typing)."""
+
+
+def typed_since(old: Snapshot, new: Snapshot) -> str | None:
+    """The characters typed at `old`'s cursor to make `new` (None: `new` is not `old` plus typing there)."""
+    typed_len = new.offset - old.offset
+    if new.uri != old.uri or typed_len <= 0 or len(new.text) != len(old.text) + typed_len:
+        return None
+    if new.text[: old.offset] != old.text[: old.offset] or new.text[new.offset :] != old.text[old.offset :]:
+        return None
+    return new.text[old.offset : new.offset]
 
 
 class CompletionService:
@@ -137,6 +155,7 @@ class CompletionService:
         self._cache: CompletionCache | None = None
         self._shown: dict[str, Shown] = {}
         self._type_through_hits = 0
+        self._followed_hits = 0
         self.last_shown: dict | None = None
         """The last suggestion shown: its time from request to answer and where it came from (for status bars)."""
         self._model_requests = 0
@@ -148,6 +167,7 @@ class CompletionService:
         self._model_latency_s: float | None = None
         """Moving average of recent generations' prefill + decode time."""
         self._in_progress = 0
+        self._requests = 0
         self._gate: asyncio.Future | None = None
         """Resolved when a newer request arrives (wakes the current one in its context or debounce step)."""
         self._max_pending = 0
@@ -169,7 +189,7 @@ class CompletionService:
         if c is None:
             return {"enabled": self.settings.cache.enabled, "typeThrough": self._type_through_hits}
         return {"enabled": True, "memoryHits": c.stats.memory_hits, "diskHits": c.stats.disk_hits, "misses": c.stats.misses,
-                "typeThrough": self._type_through_hits, "disk": str(c.directory) if c.directory and not c.disk_error else None,
+                "typeThrough": self._type_through_hits, "followed": self._followed_hits, "disk": str(c.directory) if c.directory and not c.disk_error else None,
                 "prefetchStarted": self.prefetches["started"], "prefetchStored": self.prefetches["stored"]}
 
     def forget(self, uri: str) -> None:
@@ -239,9 +259,10 @@ class CompletionService:
     def scheduler_report(self) -> dict:
         """What the scheduler holds now (for load tests and status): a burst must not grow any of it."""
         return {"running": int(self._running is not None), "waiting": int(self._waiting is not None),
-                "maxPending": self._max_pending, "inProgress": self._in_progress}
+                "maxPending": self._max_pending, "inProgress": self._in_progress, "requests": self._requests}
 
     async def complete(self, snapshot: Snapshot) -> Completion:
+        self._requests += 1
         self._in_progress += 1
         try:
             completion = await self._complete(snapshot)
@@ -256,7 +277,8 @@ class CompletionService:
         self._latest += 1
         mine = self._latest
         self._note_keystroke(t0)
-        gate = self._answer_older()
+        following = self._followable(snapshot)
+        gate = self._answer_older(keep_job=following is not None)
         if not self.settings.completion.enabled:
             return Completion("", "disabled")
         shown = self._shown.get(snapshot.uri)
@@ -268,6 +290,12 @@ class CompletionService:
                 total_ms = (time.perf_counter() - t0) * 1000.0
                 log.info("completion ok reason=ok cache=type-through total=%.1fms chars=%d", total_ms, len(rest))
                 return Completion(rest, "ok", {"total": total_ms}, cache="type-through")
+        if following is not None:
+            followed = await self._follow(following, snapshot, t0, mine, gate)
+            if followed is not None:
+                return followed
+            if mine != self._latest:
+                return Completion("", "superseded by a newer request")
         self._model_requests += 1
         preparing = asyncio.ensure_future(self.prepare(snapshot))
         try:
@@ -297,7 +325,7 @@ class CompletionService:
             if mine != self._latest:
                 return Completion("", "superseded by a newer request", {"total": (time.perf_counter() - t0) * 1000.0})
         loop = asyncio.get_running_loop()
-        req = _Request(mine, snapshot, prepared.request, loop.create_future())
+        req = _Request(mine, snapshot, prepared.request, loop.create_future(), prepared=prepared, key=key)
         self._supersede_all()
         self._waiting = req
         self._pump()
@@ -317,6 +345,47 @@ class CompletionService:
         spent_s = (result.prefill_ms + result.decode_ms) / 1000.0
         self._model_latency_s = spent_s if self._model_latency_s is None else 0.7 * self._model_latency_s + 0.3 * spent_s
         return await self._finish(snapshot, prepared, result, t0, context_ms, "miss")
+
+    # ---- following a generation while the user types ---------------------------------------------------
+    def _followable(self, snapshot: Snapshot) -> _Request | None:
+        """The running single-line generation that `snapshot` only adds typed characters to, if any."""
+        running = self._running
+        if running is None or not self._followable_kind(running) or self._waiting is not None:
+            return None
+        typed = typed_since(running.snapshot, snapshot)
+        return running if typed and "\n" not in typed and "\r" not in typed else None
+
+    def _followable_kind(self, req: _Request) -> bool:
+        return (self.settings.completion.follow_typing and req.seq > 0 and req.job is not None and not req.job.future.done()
+                and req.prepared is not None and req.request.single_line)
+
+    async def _follow(self, running: _Request, snapshot: Snapshot, t0: float, mine: int, gate: asyncio.Future) -> Completion | None:
+        """Wait for the generation `running` started (its own request was answered already) and answer `snapshot`
+        with what is left of it after the typed characters; None when it wrote something else."""
+        assert running.job is not None and running.prepared is not None
+        job = running.job.future
+        running.followers += 1
+        try:
+            await asyncio.wait((job, gate), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            running.followers -= 1
+        if mine != self._latest or not job.done():
+            return Completion("", "superseded by a newer request", {"total": (time.perf_counter() - t0) * 1000.0})
+        result: GenerationResult = job.result()
+        if result.finish in ("crashed", "not_ready", "error", "cancelled"):
+            return None
+        if self.cache is not None and running.key and result.finish != "timeout":
+            self.cache.put(running.key, {"text": result.text, "finish": result.finish})
+        await self._finish(running.snapshot, running.prepared, result, t0, 0.0, "miss")
+        shown = self._shown.get(snapshot.uri)
+        rest = shown.rest_after_typing(snapshot) if shown is not None and shown.offset == running.snapshot.offset else ""
+        if not rest or mine != self._latest:
+            return None
+        self._shown[snapshot.uri] = Shown(snapshot.uri, snapshot.text, snapshot.offset, rest)
+        self._followed_hits += 1
+        total_ms = (time.perf_counter() - t0) * 1000.0
+        log.info("completion ok reason=ok cache=followed total=%.1fms chars=%d", total_ms, len(rest))
+        return Completion(rest, "ok", {"total": total_ms}, cache="followed")
 
     def _note_keystroke(self, now: float) -> None:
         gap = now - self._last_request_at
@@ -451,7 +520,7 @@ class CompletionService:
             comment=ctx.comment,
         )
 
-    def _answer_older(self) -> asyncio.Future:
+    def _answer_older(self, keep_job: bool = False) -> asyncio.Future:
         """A request arrived: every older one is answered now (A2: within ms of the newer one's arrival), not
         when this one has its context and has waited out the debounce. A prefetch is left to run (a
         type-through answer does not need the model), until this request needs the model itself.
@@ -464,9 +533,10 @@ class CompletionService:
             self._waiting = None
             if not waiting.future.done():
                 waiting.future.set_result(None)
-        if running is not None and running.seq > 0 and not running.future.done():
-            running.future.set_result(None)
-            if running.job is not None:
+        if running is not None and running.seq > 0:
+            if not running.future.done():
+                running.future.set_result(None)
+            if running.job is not None and not keep_job:  # kept: the newer request follows it
                 self.engine.cancel(running.job)
         return self._gate
 
@@ -475,9 +545,10 @@ class CompletionService:
             self._waiting.future.set_result(None)
         self._waiting = None
         running = self._running
-        if running is not None and not running.future.done():
-            running.future.set_result(None)
-            if running.job is not None:
+        if running is not None:
+            if not running.future.done():
+                running.future.set_result(None)
+            if running.job is not None:  # also a generation that a request was following
                 self.engine.cancel(running.job)
 
     def _drop(self, req: _Request) -> None:
@@ -485,6 +556,15 @@ class CompletionService:
         if self._waiting is req:
             self._waiting = None
         if self._running is req and req.job is not None:
+            if self._followable_kind(req):
+                # An editor cancels the shown request before it sends the next keystroke's: give that one a
+                # moment to follow this generation before stopping it.
+                asyncio.get_running_loop().call_later(_FOLLOW_GRACE_S, self._cancel_unfollowed, req)
+            else:
+                self.engine.cancel(req.job)
+
+    def _cancel_unfollowed(self, req: _Request) -> None:
+        if self._running is req and req.job is not None and req.followers == 0:
             self.engine.cancel(req.job)
 
     def _pump(self) -> None:

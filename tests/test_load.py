@@ -163,3 +163,144 @@ async def test_debounce_starts_few_generations_and_answers_the_final_request(tmp
     final_line = "    return " + "".join(TYPED[i % len(TYPED)] for i in range(500))
     prompt = "".join(s.get("text", "") for s in calls[-1]["segments"])
     assert final_line in prompt  # the generation that answered was made for the final text
+
+
+# ---- A3: a request cancelled in the same write never runs ----------------------------------------------
+
+
+async def test_cancel_sent_with_the_request_is_never_executed(tmp_path):
+    record = tmp_path / "calls.jsonl"
+    client = await start({"outputs": ["a + b"], "record_path": str(record)})
+    uri = "file:///cancel.py"
+    try:
+        open_doc(client, uri, "def add(a, b):\n    return \n")
+        codes = []
+        for k in range(50):
+            msg_id = 1000 + k
+            client.sent_ids.append(msg_id)
+            client.send_raw(frame({"jsonrpc": "2.0", "id": msg_id, "method": "textDocument/inlineCompletion",
+                                   "params": inline_params(uri, 1, 11)})
+                            + frame({"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": msg_id}}))
+            reply = await client.wait_response(msg_id)
+            codes.append(reply.get("error", {}).get("code"))
+        await asyncio.sleep(0.3)
+        st = await status(client)
+        assert_exactly_once(client, [1000 + k for k in range(50)])
+        assert not record.exists()  # the model was never called
+        # ...and a request that is not cancelled still runs the model.
+        reply = await client.request("textDocument/inlineCompletion", inline_params(uri, 1, 11))
+        assert [i["insertText"] for i in reply["result"]["items"]] == ["a + b"]
+    finally:
+        assert await client.close() == 0
+    print(f"\nA3 {codes.count(-32800)}/50 answered -32800; completion service entered {st['scheduler']['requests']} "
+          f"times, generations {st['generationsStarted']}")
+    assert codes == [-32800] * 50
+    assert st["generationsStarted"] == 0
+    assert st["scheduler"]["requests"] == 0  # the handler never reached the service
+
+
+# ---- A7: the loop keeps answering while the model generates ---------------------------------------------
+
+
+async def test_cheap_requests_flow_while_a_long_generation_runs():
+    """A 5 s generation (250 tokens at 20 ms): status requests and didChange batches sent meanwhile are
+    answered at once (the server handles messages in order, so a status reply after a didChange also
+    times the edit's application)."""
+    long = {"outputs": [" ".join(["x"] * 125)], "token_delay_ms": 20}
+    client = await start(long, {"completion": {"maxTokensSingleLine": 400, "prefetch": False}})
+    uri = "file:///long.py"
+    big = "".join(f"def f{i}(a, b):\n    return a + b  # line {i}\n" for i in range(2000)) + "x = \n"
+    try:
+        open_doc(client, uri, big)
+        last_line = big.count("\n") - 1
+        gen = client.request_nowait("textDocument/inlineCompletion", inline_params(uri, last_line, 4))
+        await asyncio.sleep(0.2)
+        probe_ms, started = [], time.monotonic()
+        version = 2
+        while time.monotonic() - started < 4.0:
+            insert(client, uri, version, 0, 0, "#")  # far from the cursor: the generation keeps running
+            version += 1
+            t = time.monotonic()
+            await client.request("offpilot/status", {})
+            probe_ms.append((time.monotonic() - t) * 1000)
+            await asyncio.sleep(0.02)
+        st = await status(client)
+        assert not client.responses.get(gen), "the generation ended early: nothing was measured"
+        assert st["scheduler"]["running"] == 1
+        await client.wait_response(gen, timeout_s=10)
+    finally:
+        assert await client.close() == 0
+    print(f"\nA7 didChange + status p99 {p99(probe_ms):.1f} ms (max {max(probe_ms):.1f}) over {len(probe_ms)} while "
+          f"a 5 s generation ran on a {len(big) // 1024} KB document")
+    assert len(probe_ms) >= 100
+    assert p99(probe_ms) <= 50.0
+
+
+# ---- A9: a cache hit is fast and never reaches the worker -----------------------------------------------
+
+
+async def test_cache_hit_is_fast_and_never_contacts_the_worker(tmp_path):
+    record = tmp_path / "calls.jsonl"
+    client = await start({"outputs": ["a + b"], "token_delay_ms": 20, "record_path": str(record)},
+                         {"completion": {"prefetch": False}})
+    uri = "file:///hit.py"
+    try:
+        open_doc(client, uri, "def add(a, b):\n    return \n")
+        first = await client.request("textDocument/inlineCompletion", inline_params(uri, 1, 11))
+        assert [i["insertText"] for i in first["result"]["items"]] == ["a + b"]
+        before = await status(client)
+        hit_ms = []
+        for _ in range(200):
+            t = time.monotonic()
+            reply = await client.request("textDocument/inlineCompletion", inline_params(uri, 1, 11))
+            hit_ms.append((time.monotonic() - t) * 1000)
+            assert reply["result"] == first["result"]
+        after = await status(client)
+    finally:
+        assert await client.close() == 0
+    print(f"\nA9 cache hit p99 {p99(hit_ms):.1f} ms (median {sorted(hit_ms)[100]:.1f}) over 200; generations "
+          f"{before['generationsStarted']} -> {after['generationsStarted']}")
+    assert after["cache"]["memoryHits"] - before["cache"]["memoryHits"] == 200
+    assert after["generationsStarted"] == before["generationsStarted"] == 1
+    assert len(record.read_text().splitlines()) == 1
+    assert p99(hit_ms) <= 20.0
+
+
+# ---- E6: the client vanishes while the worker streams ---------------------------------------------------
+
+
+async def test_client_vanishing_mid_generation_ends_everything_quietly(tmp_path):
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log_file:
+        client = await start({"outputs": [" ".join(["x"] * 200)], "token_delay_ms": 20}, stderr=log_file)
+    server = psutil.Process(client.proc.pid)
+    uri = "file:///gone.py"
+    open_doc(client, uri, "x = \n")
+    worker_pid = (await status(client))["workerPid"]
+    worker = psutil.Process(worker_pid)
+    client.request_nowait("textDocument/inlineCompletion", inline_params(uri, 0, 4))
+    await asyncio.sleep(0.5)
+    assert (await status(client))["scheduler"]["running"] == 1  # the worker is streaming tokens now
+    t = time.monotonic()
+    client.proc.stdin.close()  # EOF, as when the editor dies
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while time.monotonic() - t < 3.0 and (running(server) or running(worker)):
+        await asyncio.sleep(0.01)
+    elapsed = time.monotonic() - t
+    alive = [p for p in (server, worker) if running(p)]
+    for p in alive:
+        p.kill()
+    await client.proc.wait()
+    client._reader.cancel()
+    text = log_path.read_text(errors="replace")
+    after = text[text.find("model ready"):]
+    errors = [line for line in after.splitlines() if " ERROR " in line or "Traceback" in line or line.startswith("  ")]
+    print(f"\nE6 server and worker gone in {elapsed:.2f} s; error lines {len(errors)}")
+    assert not alive and elapsed <= 2.0
+    assert len(errors) <= 1, errors
