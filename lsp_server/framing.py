@@ -129,13 +129,13 @@ class FrameReader:
                     value = line[len(_KEY):].strip()
                     if length is not None or bad_length:
                         log.warning("repeated Content-Length header: the last one (%r) is used", value[:32])
-                    if value.isdigit() and len(value) <= 19:
-                        length, bad_length = int(value), False
+                    if value.isdigit():  # ASCII digits only; any run of them is a size (maybe absurd)
+                        length, bad_length = (int(value) if len(value) <= 30 else 10**30), False
                     else:
                         length, bad_length = None, True
                     in_headers = True
-                elif in_headers and _is_header(line):
-                    continue  # Content-Type and the like
+                elif _is_header(line):
+                    in_headers = True  # Content-Type and the like, before or after Content-Length
                 else:
                     if in_headers:
                         self._drop("a header block interrupted by a non-header line")
@@ -159,6 +159,9 @@ class FrameReader:
             return body
 
 
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
 def _is_header(line: bytes) -> bool:
     name, colon, _ = line.partition(b":")
-    return bool(colon) and bool(name) and all(33 <= c <= 126 for c in name)
+    return bool(colon) and bool(name) and all(c in _TOKEN for c in name)
