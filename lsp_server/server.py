@@ -19,7 +19,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcRequestCancelled
 from pygls.lsp.server import LanguageServer
 
-from . import __version__, prompts
+from . import __version__, memory, prompts
 from .actions import ActionService
 from .completion import CompletionService
 from .config import Settings, merge
@@ -192,6 +192,7 @@ class OffpilotServer(LanguageServer):
             "cache": self.completions.cache_report(),
             "lastCompletion": self.completions.last_shown,
             "scheduler": self.completions.scheduler_report(),
+            "tracemalloc": memory.top_sites(),
         }
 
     def document_state(self, uri: str) -> dict | None:
