@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import hmac
+import ipaddress
 import json
 import logging
 import os
+import secrets
+import socket
+import stat
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
+from .redact import RedactingFormatter
 
 log = logging.getLogger("offpilot")
 
@@ -23,7 +29,8 @@ def setup_logging(level: str = "INFO", log_file: str | None = None) -> None:
         handler: logging.Handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    # Content is logged only at DEBUG, and even then with secrets redacted (F9).
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -54,11 +61,140 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = json.loads(args.fake_engine) if args.fake_engine else None
     engine_overrides = {"backend": "fake", "fake": overrides} if overrides is not None else None
     server = create_server(model_path=args.model, engine_overrides=engine_overrides)
+    if args.tcp is not None:  # listen only once everything is imported: the token's 1 s starts at accept
+        listener = _tcp_listener(args)
+        if listener is None:
+            return 2
     atexit.register(server.engine.kill)
-    log.info("offpilot %s serving LSP on stdio (pid %d)", __version__, os.getpid())
-    server.start_io(sys.stdin.buffer, rpc_out)
+    if args.tcp is None:
+        log.info("offpilot %s serving LSP on stdio (pid %d)", __version__, os.getpid())
+        server.start_io(sys.stdin.buffer, rpc_out)
+    else:
+        sock, token = listener
+        conn = _accept_one(sock, token)
+        if conn is None:
+            server.engine.kill()
+            return 1
+        log.info("offpilot %s serving LSP to one authenticated TCP client (pid %d)", __version__, os.getpid())
+        server.start_io(conn.makefile("rb"), conn.makefile("wb", buffering=0))
+        conn.close()
     server.engine.kill()
     return 0
+
+
+# ---- opt-in TCP (F2): loopback only, a token first, one client, exit when it leaves ------------------------
+TOKEN_ENV = "OFFPILOT_TOKEN"
+MIN_TOKEN_CHARS = 32
+"""32 hex digits = 128 bits; a generated token has 64 (256 bits)."""
+AUTH_TIMEOUT_S = 0.8
+"""A connection that has not sent the token line by then is closed (the brief: within 1 s)."""
+MAX_TOKEN_LINE = 512
+
+
+def _read_token(args: argparse.Namespace) -> str | None:
+    env = os.environ.get(TOKEN_ENV, "")
+    if env and not args.token_file:
+        token = env.strip()
+    elif args.token_file:
+        path = Path(args.token_file).expanduser()
+        if not path.exists():  # a fresh 256-bit token in a new 0600 file, for the client to read
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                _error(f"offpilot serve: cannot create the token file {path}: {exc}")
+                return None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32) + "\n")
+            log.info("wrote a new token to %s", path)
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077 or st.st_uid != os.getuid():
+                _error(f"offpilot serve: the token file {path} must be a regular file of yours with mode 0600")
+                return None
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            _error(f"offpilot serve: cannot read the token file {path}: {exc}")
+            return None
+    else:
+        _error(f"offpilot serve --tcp needs a token: --token-file PATH (created when missing) or ${TOKEN_ENV}")
+        return None
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        _error(f"offpilot serve: the token must have at least {MIN_TOKEN_CHARS} characters (128 bits) and no spaces")
+        return None
+    return token
+
+
+def _tcp_listener(args: argparse.Namespace) -> tuple[socket.socket, bytes] | None:
+    host = "127.0.0.1" if args.host == "localhost" else args.host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        _error(f"offpilot serve: --host takes an IP address, not {args.host!r}")
+        return None
+    if not address.is_loopback and not args.allow_remote:
+        _error(f"offpilot serve: refusing to listen on {host}: anyone who can reach it could use the server; "
+               "listen on 127.0.0.1 or ::1, or pass --allow-remote")
+        return None
+    token = _read_token(args)
+    if token is None:
+        return None
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, args.tcp))
+        sock.listen(1)
+    except OSError as exc:
+        sock.close()
+        _error(f"offpilot serve: cannot listen on {host}:{args.tcp}: {exc}")
+        return None
+    bound = sock.getsockname()
+    log.warning("listening on %s port %d (TCP; token required, one client)", bound[0], bound[1])
+    return sock, token.encode()
+
+
+def _accept_one(sock: socket.socket, token: bytes) -> socket.socket | None:
+    """The first connection that sends `token` and a newline within AUTH_TIMEOUT_S; the listener is closed
+    then, so a second client is refused. Connections without the token are closed and never reach LSP."""
+    try:
+        while True:
+            conn, peer = sock.accept()
+            line = _first_line(conn)
+            if line is not None and hmac.compare_digest(line, token):
+                conn.settimeout(None)
+                return conn
+            log.warning("closed a connection from %s: no valid token", peer[0])
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+    except OSError as exc:
+        log.error("TCP listener failed: %s", exc)
+        return None
+    finally:
+        sock.close()
+
+
+def _first_line(conn: socket.socket) -> bytes | None:
+    """Bytes up to the first newline (not included, CR stripped), read one by one so that nothing after it
+    is consumed; None after AUTH_TIMEOUT_S, at EOF, or past MAX_TOKEN_LINE bytes."""
+    deadline = time.monotonic() + AUTH_TIMEOUT_S
+    data = b""
+    try:
+        while len(data) <= MAX_TOKEN_LINE:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            conn.settimeout(left)
+            ch = conn.recv(1)
+            if not ch:
+                return None
+            if ch == b"\n":
+                return data.rstrip(b"\r")
+            data += ch
+    except OSError:
+        return None
+    return None
 
 
 def _parse_location(location: str) -> tuple[Path, int, int | None]:
@@ -224,9 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--log-file", help="log here (mode 0600) instead of stderr")
         p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
-    serve = sub.add_parser("serve", help="speak LSP over stdio")
+    serve = sub.add_parser("serve", help="speak LSP over stdio (or, opt-in, one authenticated TCP client)")
     serve.add_argument("--model", help="a GGUF file, or the name of an installed model")
     serve.add_argument("--fake-engine", help=argparse.SUPPRESS)
+    serve.add_argument("--tcp", type=int, metavar="PORT",
+                       help="listen on PORT (0: any free port, logged) instead of stdio; the client sends the token "
+                            "and a newline first, then LSP; one client, and the server exits when it disconnects")
+    serve.add_argument("--host", default="127.0.0.1", help="address for --tcp (loopback only unless --allow-remote)")
+    serve.add_argument("--allow-remote", action="store_true", help="let --host be a non-loopback address")
+    serve.add_argument("--token-file", help=f"the token for --tcp (mode 0600; a new one is written when missing); "
+                                            f"else ${TOKEN_ENV}")
     common(serve)
     serve.set_defaults(func=cmd_serve)
 

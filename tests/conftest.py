@@ -37,3 +37,23 @@ def private_cache_dir(tmp_path_factory, monkeypatch) -> Path:
     folder = tmp_path_factory.mktemp("cache") / "completions"
     monkeypatch.setenv("OFFPILOT_CACHE_DIR", str(folder))
     return folder
+
+
+# ---- F12: no outbound network, in this process and in every Python process a test starts -------------
+NETGUARD = Path(__file__).resolve().parent / "netguard"
+sys.path.insert(0, str(NETGUARD.parent))
+from netguard import sitecustomize as _netguard  # noqa: E402
+
+os.environ["OFFPILOT_BLOCK_NETWORK"] = "1"
+_netguard.install()
+
+
+@pytest.fixture(autouse=True)
+def no_outbound_network(monkeypatch):
+    """connect()/sendto() to anything but loopback raises PermissionError here (an audit hook) and in the
+    servers and model workers the test starts (tests/netguard/sitecustomize.py on their PYTHONPATH).
+    Loopback stays open: the VS Code client test talks to code-server on 127.0.0.1."""
+    monkeypatch.setenv("OFFPILOT_BLOCK_NETWORK", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(NETGUARD), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    _netguard.enabled = True
+    yield
