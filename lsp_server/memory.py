@@ -1,5 +1,5 @@
 """Allocation sites for leak hunting (scripts/soak.py): with PYTHONTRACEMALLOC=1 in the server's environment,
-offpilot/status lists the top sites by size; otherwise nothing (tracing costs ~2x CPU, so it is off by default)."""
+offpilot/memory lists the top sites by size; otherwise nothing (tracing costs ~2x CPU, so it is off by default)."""
 
 from __future__ import annotations
 

@@ -19,14 +19,14 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcRequestCancelled
 from pygls.lsp.server import LanguageServer
 
-from . import __version__, memory, prompts
+from . import __version__, prompts
 from .actions import ActionService
 from .completion import CompletionService
 from .config import Settings, merge
 from .documents import DocumentStore
 from .engine.client import DISABLED, FAILED, READY, WorkerClient, WorkerConfig
 from .framing import MAX_BODY_BYTES, FrameReader, FrameTooLarge
-from .handlers import actions, documents, inline, lifecycle
+from .handlers import actions, diagnostics, documents, inline, lifecycle
 from .languages import uri_path
 from .models import ModelInstallError, resolve_model
 from .protocol import OffpilotProtocol, Throttle
@@ -192,7 +192,6 @@ class OffpilotServer(LanguageServer):
             "cache": self.completions.cache_report(),
             "lastCompletion": self.completions.last_shown,
             "scheduler": self.completions.scheduler_report(),
-            "tracemalloc": memory.top_sites(),
         }
 
     def document_state(self, uri: str) -> dict | None:
@@ -389,6 +388,7 @@ def create_server(*, model_path: str | None = None, engine_overrides: dict | Non
     server.feature(types.INITIALIZED)(lifecycle.initialized)
     server.feature(types.SHUTDOWN)(lifecycle.shutdown)
     server.feature("offpilot/status")(lifecycle.status)
+    server.feature("offpilot/memory")(diagnostics.memory)
     server.feature("offpilot/documentState")(lifecycle.document_state)
     server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)(lifecycle.did_change_configuration)
     server.feature(types.TEXT_DOCUMENT_DID_OPEN)(documents.did_open)
