@@ -121,6 +121,7 @@ class _Request:
     key: str = ""
     followers: int = 0
     """Newer requests waiting for this request's generation (see completion.follow_typing)."""
+    stop_sent: bool = False
 
 
 def typed_since(old: Snapshot, new: Snapshot) -> str | None:
@@ -536,8 +537,8 @@ class CompletionService:
         if running is not None and running.seq > 0:
             if not running.future.done():
                 running.future.set_result(None)
-            if running.job is not None and not keep_job:  # kept: the newer request follows it
-                self.engine.cancel(running.job)
+            if not keep_job:  # kept: the newer request follows it
+                self._stop(running)
         return self._gate
 
     def _supersede_all(self) -> None:
@@ -548,8 +549,7 @@ class CompletionService:
         if running is not None:
             if not running.future.done():
                 running.future.set_result(None)
-            if running.job is not None:  # also a generation that a request was following
-                self.engine.cancel(running.job)
+            self._stop(running)  # also a generation that a request was following
 
     def _drop(self, req: _Request) -> None:
         """The client cancelled this request: forget it, and stop its generation if it runs."""
@@ -561,10 +561,16 @@ class CompletionService:
                 # moment to follow this generation before stopping it.
                 asyncio.get_running_loop().call_later(_FOLLOW_GRACE_S, self._cancel_unfollowed, req)
             else:
-                self.engine.cancel(req.job)
+                self._stop(req)
 
     def _cancel_unfollowed(self, req: _Request) -> None:
-        if self._running is req and req.job is not None and req.followers == 0:
+        if self._running is req and req.followers == 0:
+            self._stop(req)
+
+    def _stop(self, req: _Request) -> None:
+        """Tell the engine to stop this request's generation (once)."""
+        if req.job is not None and not req.stop_sent and not req.job.future.done():
+            req.stop_sent = True
             self.engine.cancel(req.job)
 
     def _pump(self) -> None:

@@ -90,6 +90,11 @@ class CompletionSettings:
     0 never waits."""
     generation_timeout_s: float = 30.0
     """A generation that takes longer is stopped and answered with what it has."""
+    follow_typing: bool = True
+    """A single-line generation still running when the user types more characters keeps running instead of being
+    cancelled; when it ends, the newer request gets the rest after what was typed, if the model wrote those
+    characters too (else a new generation starts at once). Typing a suggestion's start while the model is still
+    writing it then costs nothing."""
 
 
 @dataclass

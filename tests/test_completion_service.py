@@ -99,7 +99,9 @@ async def test_client_cancellation_stops_the_generation():
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert engine.cancelled == [1]
+    # A single-line generation gets a moment (completion.follow_typing) for the next keystroke's request to
+    # follow it; with none coming, it is stopped.
+    await until(lambda: engine.cancelled == [1], timeout_s=1.0)
 
 
 async def test_not_ready_and_crashed_engines_give_empty_answers():
@@ -204,3 +206,60 @@ async def test_without_cursor_line_in_middle_the_line_ends_the_prefix():
     await task
     texts = [s.text for s in engine.jobs[0].request.segments]
     assert texts[-1] == "<|fim_middle|>" and any(t.endswith("    ret") for t in texts)
+
+
+
+async def test_typing_what_the_running_generation_writes_follows_it_instead_of_starting_another():
+    engine = ManualEngine()
+    service = CompletionService(engine, Settings())
+    first = asyncio.create_task(service.complete(snap("total = |\n", version=1)))
+    await until(lambda: len(engine.jobs) == 1)
+    first.cancel()  # the editor cancels the shown request before it sends the next keystroke's
+    second = asyncio.create_task(service.complete(snap("total = c|\n", version=2)))
+    third = asyncio.create_task(service.complete(snap("total = co|\n", version=3)))
+    await until(lambda: second.done())
+    assert (await second).reason.startswith("superseded")
+    await asyncio.sleep(0.4)  # past the grace period: the generation is being followed, so it runs on
+    assert engine.cancelled == [] and len(engine.jobs) == 1
+    engine.finish(0, "count(items)")
+    result = await third
+    assert (result.text, result.cache) == ("unt(items)", "followed")
+    assert len(engine.jobs) == 1 and service.cache_report()["followed"] == 1
+
+
+async def test_typing_something_else_than_the_running_generation_writes_starts_a_new_one():
+    engine = ManualEngine()
+    service = CompletionService(engine, Settings())
+    first = asyncio.create_task(service.complete(snap("total = |\n", version=1)))
+    await until(lambda: len(engine.jobs) == 1)
+    second = asyncio.create_task(service.complete(snap("total = s|\n", version=2)))
+    await until(lambda: first.done())
+    engine.finish(0, "count(items)")  # it wrote "c...", the user typed "s"
+    await until(lambda: len(engine.jobs) == 2)
+    engine.finish(1, "um(items)")
+    assert (await second).text == "um(items)"
+    # Deleting or moving is not typing: the running generation is stopped at once.
+    third = asyncio.create_task(service.complete(snap("total = |\n", version=3)))
+    await until(lambda: len(engine.jobs) == 3)
+    fourth = asyncio.create_task(service.complete(snap("total |\n", version=4)))
+    await until(lambda: engine.cancelled == [3])
+    engine.finish(2, "", "cancelled")
+    await until(lambda: len(engine.jobs) == 4)
+    engine.finish(3, "y")
+    await third
+    await fourth
+
+
+async def test_a_block_generation_is_not_followed():
+    engine = ManualEngine()
+    service = CompletionService(engine, Settings())
+    first = asyncio.create_task(service.complete(snap("def f():\n    |\n", version=1)))
+    await until(lambda: len(engine.jobs) == 1)
+    assert not engine.jobs[0].request.single_line
+    second = asyncio.create_task(service.complete(snap("def f():\n    r|\n", version=2)))
+    await until(lambda: engine.cancelled == [1])
+    engine.finish(0, "", "cancelled")
+    await until(lambda: len(engine.jobs) == 2)
+    engine.finish(1, "eturn 1")
+    assert (await second).text == "eturn 1"
+    await first
