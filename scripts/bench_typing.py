@@ -13,16 +13,18 @@ character is typed.
 The same sessions run, in the same process and one after the other (order alternating), against:
 
 * offpilot: the server as shipped (response cache, type-through, KV-cache reuse, anchored windows,
-  adaptive debounce);
+  adaptive debounce, following a running generation while its text is typed, the cursor line as the
+  start of the FIM middle);
 * naive: the same server with the cache off (`cache.enabled` false, so no type-through either), the KV
-  cache cleared before every request (`model.reuseKvCache` false) and no debounce (`completion.debounceMs`
-  0): a request per keystroke, each evaluated from scratch.
+  cache cleared before every request (`model.reuseKvCache` false), no debounce (`completion.debounceMs`
+  0), no following (`completion.followTyping` false) and the plain prefix-suffix-middle layout
+  (`completion.cursorLineInMiddle` false): a request per keystroke, each evaluated from scratch.
 
 Both get a fresh, empty cache folder. Reported per mode: time from a keystroke to its suggestion (p50/p95
 over keystrokes that showed one, and at line starts only), the share of keystrokes that showed a
 suggestion before the next keystroke, the share shown within 10 ms, generations started per 100
 keystrokes, the most generations in flight at once, prompt tokens reused from the KV cache, where the
-suggestions came from (model, memory, disk, type-through) and decode tokens/s.
+suggestions came from (model, memory, disk, type-through, followed) and decode tokens/s.
 
 Then: the offpilot server is restarted on the same cache folder and the first session replayed (disk
 hits, no model calls expected for repeated states); then the cache database is overwritten with garbage,
@@ -315,7 +317,7 @@ def summarize(runs: list[dict]) -> dict:
     gens = sum((r["after"].get("generationsStarted", 0) - r["before"].get("generationsStarted", 0)) for r in runs)
     prompt_tokens = reused = generated = 0
     decode_ms = 0.0
-    sources = {"miss": 0, "memory": 0, "disk": 0, "type-through": 0}
+    sources = {"miss": 0, "memory": 0, "disk": 0, "type-through": 0, "followed": 0}
     for r in runs:
         for m in _COMPLETION_LOG.finditer(r["log"]):
             fields = dict(part.split("=", 1) for part in m.group("fields").split() if "=" in part)
@@ -343,6 +345,7 @@ def summarize(runs: list[dict]) -> dict:
         "prompt_tokens": prompt_tokens,
         "sources": sources,
         "cache_hit_share": (sources["memory"] + sources["disk"] + sources["type-through"]) / max(1, sum(sources.values())),
+        "followed_share": sources["followed"] / max(1, sum(sources.values())),
         "decode_tok_s": generated / (decode_ms / 1000.0) if decode_ms else 0.0,
         "errors": sum(1 for s in strokes if s.error and "cancel" not in s.error.lower()),
     }
@@ -357,7 +360,7 @@ def _fmt(v, pct=False):
 def print_table(rows: dict[str, dict]) -> None:
     head = (f"{'mode':<9} {'keys':>5} | {'p50 ms':>7} {'p95 ms':>7} | {'line-start p50':>14} {'p95':>7} | "
             f"{'shown<next':>10} {'<=10ms':>7} | {'gen/100':>7} {'max run':>7} | {'KV reused':>9} | "
-            f"{'model/mem/disk/type-thr':>23} | {'tok/s':>5} | err")
+            f"{'model/mem/disk/type-thr/followed':>32} | {'tok/s':>5} | err")
     print(head)
     print("-" * len(head))
     for name, s in rows.items():
@@ -366,7 +369,7 @@ def print_table(rows: dict[str, dict]) -> None:
               f"{_fmt(s['line_start_p50_ms']):>14} {_fmt(s['line_start_p95_ms']):>7} | "
               f"{_fmt(s['shown_before_next_share'], True):>10} {_fmt(s['within_10ms_share'], True):>7} | "
               f"{s['generations_per_100']:>7.1f} {s['max_in_flight']:>7} | {_fmt(s['kv_reused_share'], True):>9} | "
-              f"{src['miss']:>5}/{src['memory']}/{src['disk']}/{src['type-through']:<9} | {s['decode_tok_s']:>5.1f} | {s['errors']}")
+              f"{src['miss']:>5}/{src['memory']}/{src['disk']}/{src['type-through']}/{src['followed']:<9} | {s['decode_tok_s']:>5.1f} | {s['errors']}")
 
 
 def overhead(args, tmp: Path) -> dict:
@@ -463,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = json.loads(args.settings)
         modes = {
             "offpilot": merge_options({}, extra),
-            "naive": merge_options(extra, {"cache": {"enabled": False}, "model": {"reuseKvCache": False}, "completion": {"debounceMs": 0}}),
+            "naive": merge_options(extra, {"cache": {"enabled": False}, "model": {"reuseKvCache": False},
+                                            "completion": {"debounceMs": 0, "followTyping": False, "cursorLineInMiddle": False}}),
         }
         cache_dirs = {name: tmp / f"cache-{name}" for name in modes}
         servers = {name: Server(name, model, build / f"bench_typing_{name}.log", cache_dirs[name], opts, fake=fake,
