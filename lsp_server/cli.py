@@ -56,13 +56,17 @@ def _protect_stdout():
 def cmd_serve(args: argparse.Namespace) -> int:
     rpc_out = _protect_stdout()
     setup_logging(args.log_level, args.log_file)
+    if args.tcp is not None:
+        checked = _tcp_settings(args)  # refuse a bad address or token before anything else
+        if checked is None:
+            return 2
     from .server import create_server
 
     overrides = json.loads(args.fake_engine) if args.fake_engine else None
     engine_overrides = {"backend": "fake", "fake": overrides} if overrides is not None else None
     server = create_server(model_path=args.model, engine_overrides=engine_overrides)
-    if args.tcp is not None:  # listen only once everything is imported: the token's 1 s starts at accept
-        listener = _tcp_listener(args)
+    if args.tcp is not None:  # listen only once everything is imported: the token's deadline starts at accept
+        listener = _tcp_listener(*checked, args.tcp)
         if listener is None:
             return 2
     atexit.register(server.engine.kill)
@@ -124,7 +128,8 @@ def _read_token(args: argparse.Namespace) -> str | None:
     return token
 
 
-def _tcp_listener(args: argparse.Namespace) -> tuple[socket.socket, bytes] | None:
+def _tcp_settings(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(host, token) for --tcp, or None after saying why not."""
     host = "127.0.0.1" if args.host == "localhost" else args.host
     try:
         address = ipaddress.ip_address(host)
@@ -136,16 +141,18 @@ def _tcp_listener(args: argparse.Namespace) -> tuple[socket.socket, bytes] | Non
                "listen on 127.0.0.1 or ::1, or pass --allow-remote")
         return None
     token = _read_token(args)
-    if token is None:
-        return None
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    return None if token is None else (host, token)
+
+
+def _tcp_listener(host: str, token: str, port: int) -> tuple[socket.socket, bytes] | None:
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.bind((host, args.tcp))
+        sock.bind((host, port))
         sock.listen(1)
     except OSError as exc:
         sock.close()
-        _error(f"offpilot serve: cannot listen on {host}:{args.tcp}: {exc}")
+        _error(f"offpilot serve: cannot listen on {host}:{port}: {exc}")
         return None
     bound = sock.getsockname()
     log.warning("listening on %s port %d (TCP; token required, one client)", bound[0], bound[1])

@@ -435,7 +435,8 @@ async def test_f4_a_hostile_chat_template_in_the_gguf_is_never_rendered(tmp_path
     client, stderr = await start(tmp_path, "--model", str(model),
                                  env={"OFFPILOT_AUDIT_LOG": str(log), "OFFPILOT_AUDIT_JINJA": "1"})
     try:
-        status = await initialize(client, options={"actions": {"showDocument": False}})
+        # A few seconds per action are enough to show the model ran (random weights: ~40 tokens/s on 2 cores).
+        status = await initialize(client, options={"actions": {"showDocument": False, "timeoutS": 3}})
         assert status["family"] == "qwen2.5-coder"  # our prompts/chat/qwen template, not the GGUF's
         uri = "file:///f4/calc.py"
         did_open(client, uri, "def add(a, b):\n    return a + b\n")
