@@ -124,6 +124,20 @@ class _BadRequest:
 
 
 class OffpilotProtocol(LanguageServerProtocol):
+    def _execute_handler(self, msg_id, handler, callback, args=None, kwargs=None):
+        # pygls keeps the future of every notification handled by a coroutine or a generator (didOpen/didChange/
+        # didClose here) in _request_futures under a fresh uuid, and only requests' entries are ever removed: a
+        # Future with its Condition per keystroke (soak: 1,003 entries after 1,001 didChange; RSS +28 MB over
+        # 10,000 edits). Drop each entry when its handler is done.
+        super()._execute_handler(msg_id, handler, callback, args, kwargs)
+        future = self._request_futures.get(msg_id)
+        if future is not None:
+            def forget(done, msg_id=msg_id) -> None:
+                if self._request_futures.get(msg_id) is done:
+                    del self._request_futures[msg_id]
+
+            future.add_done_callback(forget)
+
     def __init__(self, server, converter) -> None:
         # JSON types are checked, not coerced: a string line or a float character is invalid params.
         converter.register_structure_hook(int, _strict(int, "an integer"))

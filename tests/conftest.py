@@ -57,3 +57,32 @@ def no_outbound_network(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(NETGUARD), *filter(None, [os.environ.get("PYTHONPATH")])]))
     _netguard.enabled = True
     yield
+
+
+# ---- F1: no inet socket in any language server a test started, checked at the end of every test -------------
+def _server_sockets() -> dict:
+    """inet sockets LISTENing or ESTABLISHED in this process's live descendants that run lsp_server (servers and
+    model workers), except servers started with --tcp on purpose. Browsers and code-server are not checked."""
+    import psutil
+
+    found = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmdline = child.cmdline()
+            if not any("lsp_server" in part for part in cmdline) or "--tcp" in cmdline:
+                continue
+            conns = [c for c in child.net_connections(kind="inet") if c.status in (psutil.CONN_LISTEN, psutil.CONN_ESTABLISHED)]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if conns:
+            found[child.pid] = [f"{c.status} {c.laddr}" for c in conns]
+    return found
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Before fixtures tear the servers down: the stdio servers and their workers hold no inet socket."""
+    result = yield
+    sockets = _server_sockets()
+    assert not sockets, f"F1: a language server or model worker holds inet sockets: {sockets}"
+    return result

@@ -165,6 +165,21 @@ async def test_f1_no_inet_sockets_in_the_server_or_its_worker(tmp_path):
         await client.close()
 
 
+def test_f1_the_per_test_check_in_conftest_sees_a_listening_server():
+    """conftest.py checks every test's language servers at the end of the test; here it must fail."""
+    from conftest import _server_sockets
+
+    code = "import socket, sys, time\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen(1)\nprint(1, flush=True)\ntime.sleep(30)\n"
+    proc = subprocess.Popen([sys.executable, "-c", code, "lsp_server"], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"1"
+        assert list(_server_sockets()) == [proc.pid]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _server_sockets() == {}
+
+
 # ---- F2: the opt-in TCP mode ------------------------------------------------------------------------------------
 def _serve_tcp(tmp_path: Path, *extra: str, token: str | None = None, env: dict | None = None):
     token_file = tmp_path / "token"
@@ -511,6 +526,35 @@ def test_f7_tampered_rows_are_misses_and_pickle_is_never_called(tmp_path, monkey
     assert reopened.get("k") is None
     assert calls == []
     reopened.close()
+
+
+def test_f8_the_cache_key_binds_model_template_parameters_and_the_redacted_prompt():
+    from dataclasses import replace
+
+    from lsp_server import prompts
+    from lsp_server.completion import CompletionService
+    from lsp_server.config import Settings
+    from lsp_server.engine.protocol import GenerationRequest
+    from lsp_server.prompts import Segment
+
+    class Engine:
+        state, detail, info = "ready", "", {"fingerprint": "sha256:aa"}
+
+    service = CompletionService(Engine(), Settings())
+    templates = prompts.load_templates()
+    qwen, other = templates["qwen2.5-coder"], templates["starcoder2"]
+    request = GenerationRequest(segments=[Segment("<|fim_prefix|>", True), Segment("def f(): return ")], max_tokens=32)
+    base = service._cache_key(request, qwen)
+    variants = {
+        "template": service._cache_key(request, other),
+        "template text": service._cache_key(request, replace(qwen, template=qwen.template + " ")),
+        "params": service._cache_key(replace(request, max_tokens=33), qwen),
+        "prompt": service._cache_key(replace(request, segments=[request.segments[0], Segment("def g(): return ")]), qwen),
+    }
+    Engine.info = {"fingerprint": "sha256:bb"}
+    variants["model"] = service._cache_key(request, qwen)
+    assert base and len({base, *variants.values()}) == 1 + len(variants)
+    assert Settings().cache.disk_limit_mb <= 256
 
 
 # ---- F9/F10/F11: secrets stay out of prompts, logs and the cache; only opened documents are read -------------
