@@ -7,4 +7,5 @@ from ..memory import top_sites
 
 
 def memory(ls, params) -> dict:
-    return {"tracemalloc": top_sites()}
+    # pygls's table of running handlers: it must not grow with the number of messages handled.
+    return {"tracemalloc": top_sites(), "handlerFutures": len(getattr(ls.protocol, "_request_futures", {}))}
