@@ -111,6 +111,8 @@ def _clean(text: str, source: str) -> str:
     if found:
         text = INVISIBLE.sub("", text)
         if source not in _warned_invisible:
+            if len(_warned_invisible) > 4096:  # a long session with many documents: forget, warn again
+                _warned_invisible.clear()
             _warned_invisible.add(source)
             codes = sorted({f"U+{ord(c):04X}" for c in found})
             log.warning("%d invisible or bidi-control characters (%s) stripped from the context of %s", len(found),

@@ -470,6 +470,24 @@ async def test_f4_a_hostile_chat_template_in_the_gguf_is_never_rendered(tmp_path
     assert [e for e in events if e["ev"] == "render"] == []
 
 
+def test_f4_dependencies_are_pinned_past_the_template_cves():
+    """jinja2 >= 3.1.6 (sandbox escapes fixed in 3.1.5/3.1.6) and llama-cpp-python >= 0.2.72 (CVE-2024-34359:
+    chat templates rendered outside the sandbox), in the lock file and in the environment the tests run in."""
+    import re
+
+    import jinja2
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+    lock = (REPO / "requirements.lock").read_text()
+    pinned = re.search(r"^jinja2==([\d.]+)", lock, re.M)
+    assert pinned and version(pinned.group(1)) >= (3, 1, 6)
+    assert version(jinja2.__version__) >= (3, 1, 6)
+    llama = re.search(r'"llama-cpp-python==([\d.]+)"', (REPO / "pyproject.toml").read_text())
+    assert llama and version(llama.group(1)) >= (0, 2, 72)
+
+
 # ---- F6/F7: the cache folder is private and never unpickles --------------------------------------------------
 def test_f6_cache_is_private_under_umask_022_after_1000_writes(tmp_path):
     from lsp_server.cache import CompletionCache
