@@ -110,6 +110,15 @@ _FOLLOW_GRACE_S = 0.3
 """How long a generation whose request the client cancelled waits for a newer request to follow it."""
 
 
+_FAILED = ("crashed", "not_ready", "error", "cancelled", "diverged")
+"""Finish reasons of a generation that gave no text to use."""
+
+
+def _pass_on(source: asyncio.Future, target: asyncio.Future | None) -> None:
+    if target is not None and not target.done() and not source.cancelled() and source.exception() is None:
+        target.set_result(source.result())
+
+
 @dataclass
 class _Request:
     seq: int
@@ -122,6 +131,11 @@ class _Request:
     followers: int = 0
     """Newer requests waiting for this request's generation (see completion.follow_typing)."""
     stop_sent: bool = False
+    partial: asyncio.Future | None = None
+    """The first line of a multi-line generation, when the worker sends it first."""
+    first_line: str = ""
+    """The first line as answered (the rest is still generating)."""
+    rest_task: asyncio.Task | None = None
 
 
 def typed_since(old: Snapshot, new: Snapshot) -> str | None:
@@ -254,6 +268,7 @@ class CompletionService:
             # On a blank line the user is about to write something: "nothing" is no answer there.
             min_tokens=1 if not ctx.line_prefix.strip() and not ctx.line_suffix.strip() else 0,
             heal_last_token=settings.cursor_line_in_middle,
+            first_line_first=settings.first_line_first and not ctx.single_line,
         )
         return Prepared(ctx, facts, request, template)
 
@@ -326,11 +341,18 @@ class CompletionService:
             if mine != self._latest:
                 return Completion("", "superseded by a newer request", {"total": (time.perf_counter() - t0) * 1000.0})
         loop = asyncio.get_running_loop()
-        req = _Request(mine, snapshot, prepared.request, loop.create_future(), prepared=prepared, key=key)
+        req = _Request(mine, snapshot, prepared.request, loop.create_future(), prepared=prepared, key=key,
+                       partial=loop.create_future() if prepared.request.first_line_first else None)
         self._supersede_all()
         self._waiting = req
         self._pump()
         try:
+            if req.partial is not None:
+                await asyncio.wait((req.future, req.partial), return_when=asyncio.FIRST_COMPLETED)
+                if not req.future.done():
+                    early = await self._answer_first_line(req, snapshot, prepared, t0, context_ms)
+                    if early is not None:
+                        return early
             result: GenerationResult | None = await req.future
         except asyncio.CancelledError:
             self._drop(req)
@@ -354,30 +376,40 @@ class CompletionService:
         if running is None or not self._followable_kind(running) or self._waiting is not None:
             return None
         typed = typed_since(running.snapshot, snapshot)
-        return running if typed and "\n" not in typed and "\r" not in typed else None
+        if not typed:
+            return None
+        if running.request.single_line:
+            return running if "\n" not in typed and "\r" not in typed else None
+        return running if running.first_line else None  # typing (or accepting) the first line shown, and on
 
     def _followable_kind(self, req: _Request) -> bool:
         return (self.settings.completion.follow_typing and req.seq > 0 and req.job is not None and not req.job.future.done()
-                and req.prepared is not None and req.request.single_line)
+                and req.prepared is not None and (req.request.single_line or bool(req.first_line)))
 
     async def _follow(self, running: _Request, snapshot: Snapshot, t0: float, mine: int, gate: asyncio.Future) -> Completion | None:
         """Wait for the generation `running` started (its own request was answered already) and answer `snapshot`
         with what is left of it after the typed characters; None when it wrote something else."""
         assert running.job is not None and running.prepared is not None
         job = running.job.future
+        typed = typed_since(running.snapshot, snapshot) or ""
+        follow = getattr(self.engine, "follow", None)
+        if follow is not None:
+            follow(running.job, typed)  # the worker stops as soon as its text differs from what was typed
+        done = running.rest_task if running.rest_task is not None else job
         running.followers += 1
         try:
-            await asyncio.wait((job, gate), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((done, gate), return_when=asyncio.FIRST_COMPLETED)
         finally:
             running.followers -= 1
-        if mine != self._latest or not job.done():
+        if mine != self._latest or not done.done():
             return Completion("", "superseded by a newer request", {"total": (time.perf_counter() - t0) * 1000.0})
-        result: GenerationResult = job.result()
-        if result.finish in ("crashed", "not_ready", "error", "cancelled"):
-            return None
-        if self.cache is not None and running.key and result.finish != "timeout":
-            self.cache.put(running.key, {"text": result.text, "finish": result.finish})
-        await self._finish(running.snapshot, running.prepared, result, t0, 0.0, "miss")
+        if running.rest_task is None:  # a single-line generation: its own request was answered empty
+            result: GenerationResult = job.result()
+            if result.finish in _FAILED:
+                return None
+            if self.cache is not None and running.key and result.finish != "timeout":
+                self.cache.put(running.key, {"text": result.text, "finish": result.finish})
+            await self._finish(running.snapshot, running.prepared, result, t0, 0.0, "miss")
         shown = self._shown.get(snapshot.uri)
         rest = shown.rest_after_typing(snapshot) if shown is not None and shown.offset == running.snapshot.offset else ""
         if not rest or mine != self._latest:
@@ -387,6 +419,36 @@ class CompletionService:
         total_ms = (time.perf_counter() - t0) * 1000.0
         log.info("completion ok reason=ok cache=followed total=%.1fms chars=%d", total_ms, len(rest))
         return Completion(rest, "ok", {"total": total_ms}, cache="followed")
+
+    # ---- first line first ---------------------------------------------------------------------------
+    async def _answer_first_line(self, req: _Request, snapshot: Snapshot, prepared: Prepared, t0: float,
+                                 context_ms: float) -> Completion | None:
+        """Answer with the first line of a multi-line generation that goes on; None when that line alone is
+        no suggestion (e.g. a block header the syntax check refuses without its body): then wait for all."""
+        assert req.partial is not None
+        completion = await self._finish(snapshot, prepared, GenerationResult(text=req.partial.result(), finish="first-line"),
+                                        t0, context_ms, "first-line")
+        if not completion.text or req.job is None or req.job.future.done():
+            return None
+        req.first_line = completion.text
+        req.rest_task = asyncio.ensure_future(self._complete_rest(req, snapshot, prepared, t0, context_ms))
+        return completion
+
+    async def _complete_rest(self, req: _Request, snapshot: Snapshot, prepared: Prepared, t0: float, context_ms: float) -> None:
+        """The whole multi-line text, once generated: into the cache, and into type-through when the user is
+        still on the way it goes (typed or accepted its start)."""
+        assert req.job is not None
+        result: GenerationResult = await asyncio.shield(req.job.future)
+        if result.finish in _FAILED:
+            return
+        if self.cache is not None and req.key and result.finish != "timeout":
+            self.cache.put(req.key, {"text": result.text, "finish": result.finish})
+        shown = self._shown.get(snapshot.uri)
+        on_the_way = shown is not None and (shown.offset == snapshot.offset and shown.text == snapshot.text or typed_since(
+            snapshot, Snapshot(shown.uri, snapshot.version, shown.text, shown.offset, snapshot.language_id)) is not None)
+        completion = await self._finish(snapshot, prepared, result, t0, context_ms, "miss", remember=on_the_way)
+        if on_the_way and not completion.text.startswith(req.first_line):
+            self._shown.pop(snapshot.uri, None)  # the whole text begins otherwise than the line shown
 
     def _note_keystroke(self, now: float) -> None:
         gap = now - self._last_request_at
@@ -419,7 +481,8 @@ class CompletionService:
                           "request": params})
 
     async def _finish(
-        self, snapshot: Snapshot, prepared: Prepared, result: GenerationResult, t0: float, context_ms: float, cache: str
+        self, snapshot: Snapshot, prepared: Prepared, result: GenerationResult, t0: float, context_ms: float, cache: str,
+        remember: bool = True,
     ) -> Completion:
         """Post-process the model's text against the document as it is now, log, remember for type-through."""
         ctx, facts, template = prepared.ctx, prepared.facts, prepared.template
@@ -455,7 +518,7 @@ class CompletionService:
             template.source,
             len(text),
         )
-        if text:
+        if text and remember:
             self._shown[snapshot.uri] = Shown(snapshot.uri, snapshot.text, snapshot.offset, text)
             self._schedule_prefetch(snapshot, text, ctx)
         return Completion(text, reason if text else f"nothing usable after {reason}", timings, result, cache)
@@ -583,6 +646,8 @@ class CompletionService:
         self._running = req
         req.job = self.engine.submit(req.request)
         req.job.future.add_done_callback(lambda fut, req=req: self._finished(req, fut))
+        if req.partial is not None and req.job.partial is not None:
+            req.job.partial.add_done_callback(lambda fut, req=req: _pass_on(fut, req.partial))
 
     def _finished(self, req: _Request, fut: asyncio.Future) -> None:
         if self._running is req:

@@ -90,6 +90,9 @@ class CompletionSettings:
     0 never waits."""
     generation_timeout_s: float = 30.0
     """A generation that takes longer is stopped and answered with what it has."""
+    first_line_first: bool = True
+    """A multi-line suggestion shows its first line as soon as the model has written it; the rest is generated
+    meanwhile and follows as the user types or accepts that line (Enter included)."""
     follow_typing: bool = True
     """A single-line generation still running when the user types more characters keeps running instead of being
     cancelled; when it ends, the newer request gets the rest after what was typed, if the model wrote those

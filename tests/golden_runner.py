@@ -89,7 +89,7 @@ class ScriptedEngine:
     def submit(self, request):
         self.requests.append(request)
         future = asyncio.get_running_loop().create_future()
-        future.set_result(self.backend.generate(request, lambda: None))
+        future.set_result(self.backend.generate(request, lambda *_: None))
         return Job(len(self.requests), future)
 
     def cancel(self, job) -> None:

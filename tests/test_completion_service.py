@@ -20,11 +20,13 @@ class ManualEngine:
         self.info = {"name": "manual", "architecture": "qwen2", "special_tokens": FIM_TOKENS}
         self.jobs: list[Job] = []
         self.cancelled: list[int] = []
+        self.followed: list[tuple[int, str]] = []
         self.running = 0
         self.max_running = 0
 
     def submit(self, request):
-        job = Job(len(self.jobs) + 1, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job = Job(len(self.jobs) + 1, loop.create_future(), loop.create_future())
         job.request = request
         self.jobs.append(job)
         self.running += 1
@@ -37,6 +39,12 @@ class ManualEngine:
 
     def cancel(self, job):
         self.cancelled.append(job.id)
+
+    def follow(self, job, typed):
+        self.followed.append((job.id, typed))
+
+    def partial(self, index: int, text: str):
+        self.jobs[index].partial.set_result(text)
 
     def finish(self, index: int, text: str = "", finish: str = "stop"):
         self.jobs[index].future.set_result(GenerationResult(text=text, finish=finish, prompt_tokens=10, generated_tokens=3))
@@ -263,3 +271,29 @@ async def test_a_block_generation_is_not_followed():
     engine.finish(1, "eturn 1")
     assert (await second).text == "eturn 1"
     await first
+
+
+
+async def test_a_block_shows_its_first_line_first_and_the_rest_follows_typing_it():
+    engine = ManualEngine()
+    service = CompletionService(engine, Settings())
+    base = "def f(a):\n    |\n"
+    first = asyncio.create_task(service.complete(snap(base, version=1)))
+    await until(lambda: len(engine.jobs) == 1)
+    assert engine.jobs[0].request.first_line_first
+    engine.partial(0, "b = a + 1")
+    answer = await first
+    assert (answer.text, answer.cache) == ("b = a + 1", "first-line")
+    assert engine.cancelled == []  # the rest is still being written
+    # Typing the shown line is type-through and leaves the generation running.
+    typed = await service.complete(snap("def f(a):\n    b = a|\n", version=2))
+    assert (typed.text, typed.cache) == (" + 1", "type-through") and engine.cancelled == []
+    # Enter after the line: that request follows the generation and gets the next line when it is done.
+    after_enter = asyncio.create_task(service.complete(snap("def f(a):\n    b = a + 1\n    |\n", version=3)))
+    await until(lambda: len(engine.followed) == 1)
+    assert engine.followed[0] == (1, "b = a + 1\n    ")
+    engine.finish(0, "b = a + 1\n    return b")
+    rest = await after_enter
+    assert (rest.text, rest.cache) == ("return b", "followed")
+    assert len(engine.jobs) == 1 and engine.cancelled == []
+

@@ -93,7 +93,7 @@ def test_min_tokens_keeps_the_model_from_ending_early(default_model):
 
     def run(min_tokens: int):
         request = GenerationRequest(segments=segments, single_line=False, max_tokens=24, min_tokens=min_tokens, stop=["<|file_sep|>"])
-        return backend.generate(request, lambda: None)
+        return backend.generate(request, lambda *_: None)
 
     free = run(0)
     assert free.finish == "eog", free  # this spot is complete: the model ends early on its own
@@ -120,15 +120,15 @@ def test_an_action_parked_for_a_completion_resumes_to_the_same_text(default_mode
 
     fim = GenerationRequest(segments=[Segment("<|fim_prefix|>", True), Segment("def double(x):\n    return "),
                                       Segment("<|fim_suffix|>", True), Segment("\n"), Segment("<|fim_middle|>", True)])
-    whole = backend.generate(action(), lambda: None)
+    whole = backend.generate(action(), lambda *_: None)
     assert whole.finish in ("eog", "length") and len(whole.text) > 20, whole
 
     steps = iter([None] * 12 + ["yield"])
-    first = backend.generate(action(), lambda: next(steps, None))
+    first = backend.generate(action(), lambda *_: next(steps, None))
     assert first.finish == "yielded" and 0 < len(first.tokens) < 40, first
-    between = backend.generate(fim, lambda: None)
+    between = backend.generate(fim, lambda *_: None)
     assert between.text.strip(), between
-    rest = backend.generate(action(resume_tokens=first.tokens, resume_text=first.text), lambda: None)
+    rest = backend.generate(action(resume_tokens=first.tokens, resume_text=first.text), lambda *_: None)
     assert rest.text == whole.text, (first.text, rest.text)
     assert rest.reused_tokens >= rest.prompt_tokens + len(first.tokens) - 1  # nothing evaluated again
 
@@ -188,7 +188,7 @@ def test_healing_lets_the_model_finish_a_word_cut_at_the_cursor(default_model):
             Segment("<|fim_middle|>", True), Segment(middle, keep="start"),
         ]
         request = GenerationRequest(segments=segments, single_line=True, max_tokens=16, heal_last_token=heal, stop=["<|endoftext|>"])
-        return backend.generate(request, lambda: None)
+        return backend.generate(request, lambda *_: None)
 
     healed = run("    retu", True)
     assert healed.text.startswith("rn "), healed

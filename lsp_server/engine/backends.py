@@ -24,7 +24,7 @@ from .protocol import GenerationRequest, GenerationResult
 
 log = logging.getLogger("offpilot.worker")
 
-ShouldStop = Callable[[], str | None]
+ShouldStop = Callable[..., str | None]
 """Returns a finish reason ("cancelled", ...) when generation must stop, else None."""
 
 
@@ -248,6 +248,7 @@ class LlamaBackend:
         new_tokens: list[int] = []
         finish = "length"
         processor = self._logits_processor(req, prompt_len, stop_ids, heal)
+        healed = heal.decode("ascii")
         for token in llm.generate(prompt, temp=req.temperature, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
                                   logits_processor=processor):
             if not decode_started:
@@ -265,7 +266,7 @@ class LlamaBackend:
             if generated >= req.max_tokens:
                 finish = "length"
                 break
-            reason = should_stop()
+            reason = should_stop(acc.text[len(healed):] if acc.text.startswith(healed) else "")
             if reason == "yield" and not decoder.getstate()[0]:  # yield only between whole characters
                 llm.n_tokens = len(prompt) + len(new_tokens) - 1  # the last token is evaluated again on resume
                 return yielded(acc.text, list(req.resume_tokens) + new_tokens)
@@ -276,7 +277,6 @@ class LlamaBackend:
                 finish = "timeout"
                 break
         text = acc.end(finish)
-        healed = heal.decode("ascii")
         text = text[len(healed):] if text.startswith(healed) else text
         if req.lane != "completion":
             self._finished_lanes.add(req.lane)  # nothing worth parking when the next lane comes
@@ -401,7 +401,7 @@ class FakeBackend:
         delay_s = float(self.config.get("token_delay_ms", 0)) / 1000.0
         self._crash_or_hang(generated)
         for piece in _FAKE_TOKEN.findall(output)[skip:]:
-            reason = should_stop()
+            reason = should_stop(acc.text)
             if reason == "yield":
                 return GenerationResult(text=acc.text, finish="yielded", tokens=[index] + [0] * generated,
                                         prompt_tokens=len(prompt.tokens))

@@ -106,6 +106,8 @@ class WorkerConfig:
 class Job:
     id: int
     future: asyncio.Future
+    partial: asyncio.Future | None = None
+    """Resolved with the first line when the request asked for it first (GenerationRequest.first_line_first)."""
 
 
 class WorkerClient:
@@ -260,6 +262,11 @@ class WorkerClient:
         elif ev == "load_failed":
             self._load_error = str(msg.get("error", "unknown error"))
             log.error("model load failed: %s", self._load_error)
+        elif ev == "partial":
+            self._last_progress = time.monotonic()
+            job = self._jobs.get(int(msg.get("id", -1)))
+            if job and job.partial is not None and not job.partial.done():
+                job.partial.set_result(str(msg.get("text", "")))
         elif ev == "done":
             self._last_progress = time.monotonic()
             job = self._jobs.pop(int(msg["id"]), None)
@@ -387,7 +394,7 @@ class WorkerClient:
     # ---- jobs --------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Job:
         assert self._loop is not None
-        job = Job(next(self._ids), self._loop.create_future())
+        job = Job(next(self._ids), self._loop.create_future(), self._loop.create_future())
         if self.state != READY or self._fd_to_worker is None:
             job.future.set_result(GenerationResult(finish="not_ready", error=self.state))
             return job
@@ -406,6 +413,15 @@ class WorkerClient:
             self._lanes.pop(job.id, None)
             job.future.set_result(GenerationResult(finish="crashed", error=str(exc)))
         return job
+
+    def follow(self, job: Job, typed: str) -> None:
+        """The user typed `typed` at the job's cursor: the worker stops it as soon as its text says otherwise."""
+        if job.future.done() or self._fd_to_worker is None:
+            return
+        try:
+            write_frame(self._fd_to_worker, {"op": "follow", "id": job.id, "typed": typed})
+        except OSError:
+            pass
 
     def cancel(self, job: Job) -> None:
         if job.future.done() or self._fd_to_worker is None:

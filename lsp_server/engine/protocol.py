@@ -44,6 +44,8 @@ class GenerationRequest:
     """Tokens already generated for this request before it yielded; generation continues after them."""
     resume_text: str = ""
     """The text those tokens made."""
+    first_line_first: bool = False
+    """Send the first line as soon as it is written (a "partial" event), then go on with the rest."""
     heal_last_token: bool = False
     """When the prompt ends with plain text (a forced start of the middle): take its last token back and let the
     model choose how to write it (any token that starts with that text, or a shorter piece of it), so a word or

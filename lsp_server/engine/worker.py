@@ -27,7 +27,7 @@ from .protocol import GenerationRequest, GenerationResult, read_frame, write_fra
 
 log = logging.getLogger("offpilot.worker")
 
-TICK_S = 0.5
+TICK_S = 0.25
 """Most time between two progress messages while a generation advances."""
 
 
@@ -40,7 +40,17 @@ class _Jobs:
         """Actions not yet started or yielded, oldest first."""
         self.running_id: int | None = None
         self.cancelled: set[int] = set()
+        self.typed: dict[int, str] = {}
+        """Per running completion: what the user typed at its cursor since it started (op "follow")."""
         self.closed = False
+
+
+def first_line(text: str) -> str | None:
+    """The text up to the line end that follows its first non-blank content, once that line end is written."""
+    end = text.find("\n")
+    while end >= 0 and not text[:end].strip():
+        end = text.find("\n", end + 1)
+    return text[:end] if end >= 0 else None
 
 
 def _die_with_parent() -> None:
@@ -77,6 +87,8 @@ def _reader(fd_in: int, fd_out: int, jobs: _Jobs, send) -> None:
                 jobs.cond.notify_all()
             if superseded is not None:
                 send({"ev": "done", "id": superseded[0], "result": {"finish": "cancelled"}})
+        elif op == "follow":
+            jobs.typed[int(msg["id"])] = str(msg.get("typed", ""))
         elif op == "cancel":
             job_id = int(msg["id"])
             with jobs.cond:
@@ -141,13 +153,22 @@ def main(argv: list[str] | None = None) -> int:
 
         last_tick = [time.monotonic()]
 
-        def should_stop(job_id: int = job_id, lane: str = request.lane) -> str | None:
+        first_line_sent = [not request.first_line_first]
+
+        def should_stop(text: str = "", job_id: int = job_id, lane: str = request.lane) -> str | None:
             # Called between tokens and prefill chunks: the server's hang watchdog hears from us at least
             # every TICK_S while generation makes progress, and nothing when it is stuck (in C or not).
             now = time.monotonic()
             if now - last_tick[0] >= TICK_S:
                 last_tick[0] = now
                 send({"ev": "tick", "id": job_id})
+            if text:  # between tokens: the text so far
+                if not first_line_sent[0] and (line := first_line(text)) is not None:
+                    first_line_sent[0] = True
+                    send({"ev": "partial", "id": job_id, "text": line})
+                typed = jobs.typed.get(job_id)
+                if typed and not (text.startswith(typed) or typed.startswith(text)):
+                    return "diverged"  # the user typed something else than this text: no one waits for it
             if job_id in jobs.cancelled or jobs.closed:
                 return "cancelled"
             if jobs.waiting is not None:
@@ -169,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         with jobs.cond:
             jobs.running_id = None
             jobs.cancelled.discard(job_id)
+            jobs.typed.pop(job_id, None)
         result.tokens = []
         send({"ev": "done", "id": job_id, "result": result.__dict__})
 
