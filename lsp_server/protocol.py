@@ -23,7 +23,7 @@ import enum
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from lsprotocol import types
 from pygls.exceptions import (
@@ -76,6 +76,17 @@ def _strict(kind: type | tuple[type, ...], name: str) -> Callable[[Any, type], A
 
 def _valid_id(msg_id: Any) -> bool:
     return isinstance(msg_id, (int, str)) and not isinstance(msg_id, bool)
+
+
+def _strict_id(value: Any, _type: Any) -> int | str:
+    if not _valid_id(value):
+        raise TypeError(f"expected an integer or a string, got {type(value).__name__}")
+    return value
+
+
+def _is_notification_method(method: str) -> bool:
+    kind = types.METHOD_TO_TYPES.get(method)
+    return bool(kind) and kind[0].__name__.endswith("Notification")
 
 
 def top_level_id(body: bytes) -> int | str | None:
@@ -144,6 +155,8 @@ class OffpilotProtocol(LanguageServerProtocol):
         converter.register_structure_hook(float, _strict((int, float), "a number"))
         converter.register_structure_hook(str, _strict(str, "a string"))
         converter.register_structure_hook(bool, _strict(bool, "a boolean"))
+        for union in (Union[int, str], Union[str, int]):  # request ids, progress tokens: pygls passes any JSON
+            converter.register_structure_hook(union, _strict_id)
         super().__init__(server, converter)
         self.initialize_received = False
         self.shutdown_received = False
@@ -153,7 +166,8 @@ class OffpilotProtocol(LanguageServerProtocol):
         """Called with the exit code on the `exit` notification (the server ends the process there)."""
         self.bad_input = Throttle(log)
         self.defects = Throttle(log)
-        self.stats = {"messages": 0, "parse_errors": 0, "dropped": 0, "errors_sent": 0, "suppressed_responses": 0}
+        self.stats = {"messages": 0, "parse_errors": 0, "dropped": 0, "errors_sent": 0, "suppressed_responses": 0,
+                      "defects": 0}
 
     # ---- the one way in -----------------------------------------------------------------------------
     def feed(self, body: bytes) -> None:
@@ -171,6 +185,7 @@ class OffpilotProtocol(LanguageServerProtocol):
         try:
             self._feed_object(data)
         except Exception as exc:  # a defect of ours: still answer, and keep serving
+            self.stats["defects"] += 1
             self.defects(logging.ERROR, "failed to handle a message: %s", exc, exc_info=True)
             if isinstance(data, dict) and _valid_id(data.get("id")) and data.get("id") in self.open_requests:
                 self._reply_error(data["id"], JsonRpcInternalError(f"{type(exc).__name__}"))
@@ -209,12 +224,16 @@ class OffpilotProtocol(LanguageServerProtocol):
                     self._drop("a notification that is not JSON-RPC 2.0")
                     return
                 self._notification(method, data)
-        elif has_id and ("result" in data or "error" in data) and data.get("jsonrpc") == "2.0":
+        elif has_id and ("result" in data or "error" in data) and data.get("jsonrpc") == "2.0" and _valid_id(msg_id):
             self._dispatch(data)  # a reply to one of our requests (e.g. workDoneProgress/create)
         else:
             self._drop("neither a request, a notification nor a response")
 
     def _request(self, msg_id: int | str, method: str, data: dict) -> None:
+        if _is_notification_method(method):
+            # pygls would run it as a notification and never answer (or, for `exit`, end the process).
+            self._reply_error(msg_id, JsonRpcInvalidRequest(f"{method} is a notification: it takes no id"))
+            return
         if method == types.INITIALIZE:
             if self.initialize_received:
                 self._reply_error(msg_id, JsonRpcInvalidRequest("initialize was already received"))

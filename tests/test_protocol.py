@@ -7,8 +7,10 @@ that is not part of a well-formed frame fails the test that owns the server (B5 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -410,11 +412,17 @@ async def test_every_malformed_request_gets_exactly_one_error_with_its_id(proto)
     json.dumps({"jsonrpc": "2.0", "result": 1}).encode(),  # a response without id
     json.dumps({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": 3}}).encode(),
     json.dumps({"jsonrpc": "2.0", "method": "offpilot/unknownNotification"}).encode(),
+    # found by scripts/fuzz_protocol.py: unhashable ids and tokens reached pygls's dicts (TypeError)
+    json.dumps({"jsonrpc": "2.0", "id": {"uri": "x"}, "result": None}).encode(),
+    json.dumps({"jsonrpc": "2.0", "method": "window/workDoneProgress/cancel", "params": {"token": {"a": 1}}}).encode(),
+    json.dumps({"jsonrpc": "2.0", "method": "$/cancelRequest", "params": {"id": {"a": 1}}}).encode(),
 ])
-async def test_undeliverable_input_is_dropped_and_the_next_request_answered(proto, body):
+async def test_undeliverable_input_is_dropped_and_the_next_request_answered(proto, body, caplog):
     feed(proto, INIT)
     feed(proto, body)
     feed(proto, req("next", "offpilot/documentState", {"uri": "file:///nothing"}))
+    await asyncio.sleep(0.01)  # let a notification handler run
+    assert proto.stats["defects"] == 0 and [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and not r.name.startswith("pygls")] == []
     got = replies(proto)
     assert set(got) == {"init", "next"}, got
     assert got["next"] == [{"jsonrpc": "2.0", "id": "next", "result": None}]
@@ -426,6 +434,16 @@ async def test_a_request_id_of_the_wrong_type_gets_invalid_request_with_a_null_i
     feed(proto, req(msg_id, "offpilot/status", {}))
     got = replies(proto)
     assert [r["error"]["code"] for r in got[None]] == [-32600]
+
+
+@pytest.mark.parametrize("method", ["window/workDoneProgress/cancel", "$/cancelRequest", "exit", "initialized",
+                                    "textDocument/didOpen"])
+async def test_a_notification_sent_as_a_request_is_answered_not_run(proto, method):
+    # Found by the fuzzer: pygls ran these as notifications and never answered (`exit` ended the process).
+    feed(proto, INIT)
+    feed(proto, req(5, method, {"token": 1, "id": 1}))
+    assert [r["error"]["code"] for r in replies(proto)[5]] == [-32600]
+    assert proto.exits == []
 
 
 async def test_lifecycle_gates(proto):
