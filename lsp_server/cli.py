@@ -26,6 +26,7 @@ log = logging.getLogger("offpilot")
 def setup_logging(level: str = "INFO", log_file: str | None = None) -> None:
     if log_file:
         fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise (a 0644 log would show code to others)
         handler: logging.Handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
     else:
         handler = logging.StreamHandler(sys.stderr)

@@ -665,6 +665,8 @@ def test_f9_the_log_formatter_redacts_whatever_a_debug_line_carries(tmp_path):
     from lsp_server.cli import setup_logging
 
     log_file = tmp_path / "x.log"
+    log_file.write_text("")
+    os.chmod(log_file, 0o644)  # an existing log file that others could read
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     levels = {name: logging.getLogger(name).level for name in ("pygls", "llama_cpp")}
@@ -677,6 +679,7 @@ def test_f9_the_log_formatter_redacts_whatever_a_debug_line_carries(tmp_path):
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
     text = log_file.read_text()
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
     assert "model text" in text and "[redacted]" in text
     assert [c for c in (AKIA, SK_LIVE, PEM_BODY) if c in text] == []
 
