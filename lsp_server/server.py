@@ -129,8 +129,9 @@ class OffpilotServer(LanguageServer):
         try:
             config.model_path = str(resolve_model(m.path or self._model_path_override or m.name or None))
         except ModelInstallError as exc:
+            # One message: once the engine reports its states to us (after the first start), fail() tells it.
+            self.engine._on_state = self._on_engine_state
             self.engine.fail(str(exc))
-            self._tell_failure(f"offpilot: {exc}")
             return None
         return config
 
