@@ -205,6 +205,48 @@ def _first_line(conn: socket.socket) -> bytes | None:
     return None
 
 
+def cmd_connect(args: argparse.Namespace) -> int:
+    """stdio <-> an `offpilot serve --tcp` server: sends the token line, then copies bytes both ways, so an
+    editor that only speaks LSP over stdio can use a server listening on TCP."""
+    args.token_file = args.token_file or None
+    if args.token_file and not Path(args.token_file).expanduser().exists():
+        _error(f"offpilot connect: no token file at {args.token_file}")
+        return 2
+    token = _read_token(args)
+    if token is None:
+        return 2
+    try:
+        sock = socket.create_connection((args.host, args.port), timeout=10)
+    except OSError as exc:
+        _error(f"offpilot connect: {args.host}:{args.port}: {exc}")
+        return 1
+    sock.settimeout(None)
+    sock.sendall(token.encode() + b"\n")
+    import threading
+
+    def upstream() -> None:
+        stdin = sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
+        try:
+            while data := stdin.read(65536):
+                sock.sendall(data)
+        except OSError:
+            pass
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    threading.Thread(target=upstream, daemon=True).start()
+    out = sys.stdout.buffer
+    try:
+        while data := sock.recv(65536):
+            out.write(data)
+            out.flush()
+    except OSError:
+        pass
+    return 0
+
+
 def _parse_location(location: str) -> tuple[Path, int, int | None]:
     parts = location.rsplit(":", 2)
     if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
@@ -380,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             f"else ${TOKEN_ENV}")
     common(serve)
     serve.set_defaults(func=cmd_serve)
+
+    connect = sub.add_parser("connect", help="bridge stdio to an `offpilot serve --tcp` server (sends the token first)")
+    connect.add_argument("port", type=int)
+    connect.add_argument("--host", default="127.0.0.1")
+    connect.add_argument("--token-file", help=f"the server's token file (else ${TOKEN_ENV})")
+    connect.set_defaults(func=cmd_connect)
 
     complete = sub.add_parser("complete", help="complete at FILE:LINE:COL (1-based) and print the suggestion with timings")
     complete.add_argument("location", metavar="FILE:LINE[:COL]")

@@ -307,6 +307,26 @@ def test_f2_tcp_mode_token_first_one_client_exit_on_disconnect(tmp_path):
         proc.wait()
 
 
+async def test_f2_an_editor_uses_the_tcp_server_through_offpilot_connect(tmp_path):
+    """`offpilot connect PORT` bridges an editor's stdio to the TCP server (sending the token first)."""
+    proc, port, token_file = _serve_tcp(tmp_path, token=os.urandom(32).hex())
+    try:
+        bridge = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lsp_server", "connect", str(port), "--token-file", str(token_file),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(REPO))
+        client = RawClient(bridge)
+        await initialize(client)
+        uri = "file:///tcp/add.py"
+        did_open(client, uri, "def add(a, b):\n    return \n")
+        assert await inline(client, uri, 1, 11) == ["a + b"]
+        await client.close()  # shutdown + exit through the bridge: the server exits
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 # ---- F3: nothing from the model's output is ever executed -------------------------------------------------------
 MODEL_OUTPUT_MODULES = [
     "completion.py", "postprocess.py", "actions.py", "prompts.py", "cache.py", "redact.py", "server.py", "protocol.py",
