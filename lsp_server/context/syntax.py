@@ -414,8 +414,9 @@ def syntax_trim(facts: SyntaxFacts, suggestion: str, deadline_s: float, max_pars
 
 MAX_DOCUMENT_BYTES = 2_000_000
 MAX_DOCUMENT_LINES = 50_000
-HANG_GRACE_S = 0.3
-"""A parse job still running this long after its deadline is taken as hung (reliability.md C7)."""
+HANG_GRACE_S = 0.25
+"""A parse job still running this long after its deadline is taken as hung: the request goes on without a tree
+within 300 ms of the deadline (reliability.md C7)."""
 MAX_HANGS = 5
 """After this many hung parses in one session tree-sitter stays off (each one leaves a thread behind)."""
 
@@ -426,7 +427,7 @@ def too_big_to_parse(text: str, max_bytes: int = MAX_DOCUMENT_BYTES, max_lines: 
         return True
     if len(text) > max_bytes // 4 and len(text.encode("utf-8", "surrogatepass")) > max_bytes:
         return True
-    return len(text) > max_lines and text.count("\n") + text.count("\r") - text.count("\r\n") >= max_lines
+    return len(text) >= max_lines and text.count("\n") + text.count("\r") - text.count("\r\n") >= max_lines
 
 
 class _ParseThread:
