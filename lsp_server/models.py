@@ -114,6 +114,26 @@ class UnknownModelError(ModelInstallError):
     """The requested model is neither a known name nor an existing file."""
 
 
+class UnsafeModelError(ModelInstallError):
+    """The model file could have been changed by someone else (F5): a GGUF is parsed by C code."""
+
+
+def check_model_file(path: Path) -> Path:
+    """Refuse a model file that another user could have written: world-writable, owned by someone other
+    than the user (or root), or in a world-writable folder without the sticky bit (where anyone can
+    replace it)."""
+    import stat as _stat
+
+    st, folder = path.stat(), path.parent.stat()
+    if st.st_mode & 0o002:
+        raise UnsafeModelError(f"refusing the model {path}: it is world-writable (chmod o-w it)")
+    if st.st_uid not in (os.getuid(), 0):
+        raise UnsafeModelError(f"refusing the model {path}: it belongs to another user (uid {st.st_uid})")
+    if folder.st_mode & 0o002 and not folder.st_mode & _stat.S_ISVTX:
+        raise UnsafeModelError(f"refusing the model {path}: its folder is world-writable")
+    return path
+
+
 # --------------------------------------------------------------------------
 # Locations and lookup
 # --------------------------------------------------------------------------
@@ -606,12 +626,12 @@ def resolve_model(spec: Optional[str]) -> Path:
 
     candidate = Path(spec).expanduser()
     if candidate.is_file():
-        return candidate.resolve()
+        return check_model_file(candidate.resolve())
     if spec in MODELS:
         path = installed_path(spec)
         if path is None:
             raise ModelNotInstalledError(spec)
-        return path
+        return check_model_file(path)
     if os.sep in spec or (os.altsep and os.altsep in spec) or spec.endswith(".gguf"):
         raise UnknownModelError(
             f"Model file not found: {spec}. Known model names: {_known_names()}"

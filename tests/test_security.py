@@ -508,6 +508,53 @@ def test_f4_dependencies_are_pinned_past_the_template_cves():
     assert llama and version(llama.group(1)) >= (0, 2, 72)
 
 
+# ---- F5: a model file someone else could have written is refused --------------------------------------------
+@pytest.mark.parametrize("case", ["world-writable file", "another user's file", "world-writable folder", "sticky folder", "fine"])
+def test_f5_model_file_hygiene(tmp_path, case):
+    from lsp_server.models import UnsafeModelError, resolve_model
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    model = folder / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(60))
+    os.chmod(model, 0o644)
+    if case == "world-writable file":
+        os.chmod(model, 0o666)
+    elif case == "another user's file":
+        if os.getuid() != 0:
+            pytest.skip("chown needs root")
+        os.chown(model, 12345, 12345)
+    elif case == "world-writable folder":
+        os.chmod(folder, 0o777)
+    elif case == "sticky folder":  # like /tmp: others cannot replace the file
+        os.chmod(folder, 0o1777)
+    if case in ("fine", "sticky folder"):
+        assert resolve_model(str(model)) == model.resolve()
+    else:
+        with pytest.raises(UnsafeModelError):
+            resolve_model(str(model))
+
+
+async def test_f5_the_server_tells_the_user_and_loads_nothing(tmp_path, tiny_gguf):
+    model = tmp_path / "shared.gguf"
+    model.write_bytes(tiny_gguf.read_bytes())
+    os.chmod(model, 0o666)
+    log = tmp_path / "audit.jsonl"
+    client, _ = await start(tmp_path, "--model", str(model), env={"OFFPILOT_AUDIT_LOG": str(log)})
+    try:
+        params = {"processId": os.getpid(), "rootUri": None, "capabilities": CAPS}
+        await client.request("initialize", params)
+        client.notify("initialized", {})
+        status = await client.wait_ready()
+        await asyncio.sleep(0.2)
+    finally:
+        await client.close()
+    assert status["state"] == "failed" and "world-writable" in status["detail"]
+    messages = [n["params"]["message"] for n in client.notifications if n["method"] == "window/showMessage"]
+    assert len(messages) == 1 and "world-writable" in messages[0]
+    assert [e for e in audit(log) if e["ev"] == "exec"] == []  # no worker was started for it
+
+
 # ---- F6/F7: the cache folder is private and never unpickles --------------------------------------------------
 def test_f6_cache_is_private_under_umask_022_after_1000_writes(tmp_path):
     from lsp_server.cache import CompletionCache
