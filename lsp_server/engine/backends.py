@@ -314,7 +314,7 @@ class FakeBackend:
     hang: stop making progress (no token, no cancellation check, as a hung GPU kernel) after
         hang_after_tokens pieces (default 0);
     garbage: answer with hostile text in turn (special tokens, bidi controls, NULs, a 100 KB line, 1,000 lines);
-    fault_file: the crash and hang faults apply only while this path exists (a test repairs the model by
+    fault_file: the crash, hang and load_error faults apply only while this path exists (a test repairs the model by
         deleting it: the worker is a new process after each crash, so it cannot count);
     load_delay_ms / load_error: slow or failed model load;
     gpu_layers / oom_above_layers / oom_mode: GPU out-of-memory at load. gpu_layers is what the plan offloads
@@ -332,7 +332,7 @@ class FakeBackend:
         delay = float(config.get("load_delay_ms", 0)) / 1000.0
         if delay:
             time.sleep(delay)
-        if config.get("load_error"):
+        if config.get("load_error") and self._faulty():
             raise RuntimeError(str(config["load_error"]))
         limit = config.get("oom_above_layers")
         if limit is not None and layers > int(limit):
@@ -434,7 +434,7 @@ GARBAGE_OUTPUTS = [
     # Special tokens a broken model or template leaks, bidi controls (Trojan Source), NULs, zero-width and Tags.
     "value\x00 + 1 \u202eevil\u202c \u2066x\u2069\u200b\U000E0041 <|fim_pad|><|im_end|> tail",
     "B" * 100_000,  # one 100 KB line (sent as a single piece: the fake's pieces are words)
-    "\n".join(f"line_{i} = {i}" for i in range(1000)),
+    "line_0 = 0" + "".join(f"\n    line_{i} = {i}" for i in range(1, 1000)),  # 1,000 lines at the cursor's indent
     "<|fim_middle|><|endoftext|><|file_sep|>",
 ]
 """What `garbage: true` answers, in turn."""
