@@ -566,11 +566,14 @@ def test_f6_cache_is_private_under_umask_022_after_1000_writes(tmp_path):
         for i in range(1000):
             cache.put(f"k{i}", {"text": f"value {i}" * 20})
         assert cache.get("k999") is not None
+        open_paths = [folder, *folder.rglob("*")]  # while open: cache.db, -wal, -shm
+        open_loose = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in open_paths if p.stat().st_mode & 0o077}
         cache.close()
     finally:
         os.umask(old)
     paths = [folder, *folder.rglob("*")]
     loose = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths if p.stat().st_mode & 0o077}
+    assert len(open_paths) >= 3 and open_loose == {}
     assert len(paths) > 1 and loose == {}
 
 
