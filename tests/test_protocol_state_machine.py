@@ -5,7 +5,7 @@ any order; after every step the server's copy of each open document (offpilot/do
 and sha256) must equal a reference kept here, and at the end of each run every request id must have
 exactly one response (errors with the expected code for the bad ones), stdout nothing but frames.
 One server serves all runs (fresh URIs per run), so the budget goes to steps, not to start-ups.
-OFFPILOT_SM_EXAMPLES scales the number of runs (default 15 runs: about 30-50 s on 2 shared cores).
+OFFPILOT_SM_EXAMPLES scales the number of runs (default 50 runs: ~1,000 steps, 10-60 s on 2 shared cores depending on their load).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from test_protocol import StrictServer, frame, inline
 
-EXAMPLES = int(os.environ.get("OFFPILOT_SM_EXAMPLES", "15"))
+EXAMPLES = int(os.environ.get("OFFPILOT_SM_EXAMPLES", "50"))
 STEPS = 30
 PIECES = list("ab \t(){}:=x") + ["\n", "\r\n", "\r", "é", "😀", "漢", "\u200d"]
 TEXT = st.lists(st.sampled_from(PIECES), max_size=24).map("".join)
