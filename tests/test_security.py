@@ -850,6 +850,37 @@ def test_redact_removes_secrets_and_keeps_lines(text, secret):
     assert out.count("\n") == text.count("\n")
 
 
+SECRET_FORMS = [AKIA, SK_LIVE, "sk-proj-" + "Zx9" * 8, "ghp_" + "Q7" * 18, "xoxb-1234567890-abcdefghij",
+                f"-----BEGIN RSA PRIVATE KEY-----\n{PEM_BODY}\n-----END RSA PRIVATE KEY-----",
+                f'api_key = "{PASSWORD}"', f"DB_PASSWORD='{PASSWORD}'"]
+
+
+def _planted():
+    from hypothesis import strategies as st
+
+    text = st.text(alphabet=st.sampled_from(list("abcxyz_ =():,.'\"\n\t#{}[]0123456789-")), max_size=300)
+    return st.tuples(text, st.sampled_from(SECRET_FORMS), text, st.sampled_from([" ", "\n", "(", "=", ", "]))
+
+
+def test_redact_property_planted_secrets_vanish_and_lines_stay():
+    from hypothesis import given, settings
+
+    from lsp_server.redact import redact
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(_planted())
+    def check(parts):
+        before, secret, after, sep = parts
+        text = before + sep + secret + sep + after
+        out = redact(text)
+        body = secret.split("\n")[1] if "\n" in secret else secret.split("=")[-1].strip(" '\"")
+        assert body not in out
+        assert out.count("\n") == text.count("\n")
+        assert redact(out) == out
+
+    check()
+
+
 def test_redact_leaves_ordinary_code_alone():
     from lsp_server.redact import redact
 
