@@ -441,3 +441,16 @@ async def test_garbage_output_is_sanitized_and_capped():
         figure("garbage", f"answer sizes {[len(a.encode()) for a in answers]} bytes, lines {[a.count(chr(10)) + 1 for a in answers]}")
     finally:
         assert await client.close() == 0
+
+
+async def test_starting_twice_leaves_one_worker():
+    client, _ = await loaded({"outputs": ["a"]})
+    first = client.pid
+    try:
+        client.start()  # e.g. a settings change that lands while the first start is still being set up
+        assert await client.wait_ready(20) and client.pid != first
+        await asyncio.sleep(0.2)
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)
+    finally:
+        await client.stop()

@@ -152,6 +152,16 @@ class WorkerClient:
         if self._restart_handle:
             self._restart_handle.cancel()
             self._restart_handle = None
+        old, self._proc = self._proc, None
+        if old is not None and old.poll() is None:
+            # Two starts in a row (a settings change while the first load was still being set up): one worker.
+            old.kill()
+        if self._fd_to_worker is not None:
+            try:
+                os.close(self._fd_to_worker)
+            except OSError:
+                pass
+            self._fd_to_worker = None
         self._answer_all("model worker restarted")  # jobs of a stopped worker whose exit was not seen yet
         self.policy = RestartPolicy(self.config.restart_backoff_initial_s, self.config.restart_backoff_max_s,
                                     self.config.breaker_crashes, self.config.breaker_window_s)
