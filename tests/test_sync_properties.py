@@ -233,10 +233,39 @@ class SyncUtf32(SyncMachine):
     encoding = UTF32
 
 
+class Chunked:
+    """The same sessions with every document kept as chunks of 4 characters (long documents' representation):
+    edits across chunk boundaries, a \r\n meeting at one, chunks emptied."""
+
+    @initialize(text=text_st)
+    def open(self, text):
+        import lsp_server.documents as documents
+
+        self._saved = documents.CHUNKED_MIN_CHARS, documents.CHUNK_CHARS
+        documents.CHUNKED_MIN_CHARS, documents.CHUNK_CHARS = 0, 4
+        super().open(text)
+
+    def teardown(self):
+        import lsp_server.documents as documents
+
+        if hasattr(self, "_saved"):
+            documents.CHUNKED_MIN_CHARS, documents.CHUNK_CHARS = self._saved
+
+
+class SyncChunkedUtf8(Chunked, SyncMachine):
+    encoding = UTF8
+
+
+class SyncChunkedUtf16(Chunked, SyncMachine):
+    encoding = UTF16
+
+
 TestSyncUtf8 = SyncUtf8.TestCase
 TestSyncUtf16 = SyncUtf16.TestCase
 TestSyncUtf32 = SyncUtf32.TestCase
-for _case in (TestSyncUtf8, TestSyncUtf16, TestSyncUtf32):
+TestSyncChunkedUtf8 = SyncChunkedUtf8.TestCase
+TestSyncChunkedUtf16 = SyncChunkedUtf16.TestCase
+for _case in (TestSyncUtf8, TestSyncUtf16, TestSyncUtf32, TestSyncChunkedUtf8, TestSyncChunkedUtf16):
     _case.settings = MACHINE_SETTINGS
 del _case
 

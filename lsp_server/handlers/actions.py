@@ -9,7 +9,6 @@ that changed while the model worked.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import os
@@ -139,7 +138,7 @@ def _parse_args(ls, data) -> tuple[object, dict, int, int]:
         raise JsonRpcInvalidParams(f"bad range: {exc}") from exc
     # A frozen copy: didChange updates the store's Document in place, and the action awaits (its parse, the
     # model); the target, the prompt, the edit's range and its version must all come from one version.
-    return dataclasses.replace(doc), data, start, end
+    return doc.copy(), data, start, end
 
 
 async def _with_progress(ls, label: str, work):
