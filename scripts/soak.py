@@ -73,6 +73,7 @@ class Soak:
         self.versions: dict[str, int] = {}
         self.outstanding: list = []
         self.samples: list[dict] = []
+        self.fault_order: list[str] = []
 
     # ---- plumbing ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -150,7 +151,7 @@ class Soak:
                     self.client.notify("textDocument/didClose", {"textDocument": {"uri": tmp_uri}})
                     texts.pop(tmp_uri)
                     cycles += 1
-                if a.chaos and i % 50 == 25:
+                if a.chaos and i % a.fault_every == a.fault_every // 2:
                     await self.fault(uris[0], texts)
                 if i % 500 == 499:
                     await self.drain()
@@ -162,15 +163,17 @@ class Soak:
             for uri in uris:
                 self.client.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
             await asyncio.sleep(0.5)
+            recovered = None
             if a.chaos:
                 await self.restore_cache()
+                recovered = await self.recovers()
             end = await self.measure("end")
             alive = self.client.proc.returncode is None
             await asyncio.sleep(0.3)
         finally:
             code = await self.client.close()
             self.log_file.close()
-        return self.report(base, half or base, end, requests, cycles, alive, code, time.monotonic() - t_start)
+        return self.report(base, half or base, end, requests, cycles, alive, code, time.monotonic() - t_start, recovered)
 
     def open_doc(self, uri: str, texts: dict[str, str]) -> None:
         self.versions[uri] = 1
@@ -200,13 +203,16 @@ class Soak:
 
     # ---- chaos -----------------------------------------------------------------------------------------
     async def fault(self, uri: str, texts: dict[str, str]) -> None:
-        kind = self.rng.choice(["worker", "cache", "frames", "frames"])
-        if kind == "worker" and self.faults["worker_killed"] < self.args.max_kills:
-            st = await self.status()
-            if st["state"] == "ready" and st["workerPid"]:
-                os.kill(st["workerPid"], signal.SIGKILL)
-                self.faults["worker_killed"] += 1
-                await asyncio.sleep(0.05)
+        if not self.fault_order:  # each kind once per round, in a random order
+            self.fault_order = self.rng.sample(["worker", "cache", "frames"], 3)
+        kind = self.fault_order.pop()
+        st = await self.status()
+        if kind == "worker" and (self.faults["worker_killed"] >= self.args.max_kills or st["state"] != "ready"):
+            kind = "frames"  # a worker still restarting (or the kill budget spent): another fault instead
+        if kind == "worker":
+            os.kill(st["workerPid"], signal.SIGKILL)
+            self.faults["worker_killed"] += 1
+            await asyncio.sleep(0.05)
         elif kind == "cache":
             await self.break_cache()
         else:
@@ -218,6 +224,28 @@ class Soak:
         # After every fault the server still answers a plain request.
         self.outstanding.append(self.request("textDocument/inlineCompletion", self.cursor(uri, texts)))
         await self.drain()
+
+    async def settled(self, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = await self.status()
+            if st["state"] in ("ready", "failed", "disabled") or time.monotonic() > deadline:
+                return st
+            await asyncio.sleep(0.1)
+
+    async def recovers(self) -> bool:
+        """After the last fault: the worker restarts (or offpilot.restartModel brings it back) and a fresh
+        document gets a suggestion."""
+        st = await self.settled(70)
+        if st["state"] == "disabled":
+            await self.client.request("workspace/executeCommand", {"command": "offpilot.restartModel", "arguments": []})
+            st = await self.settled(30)
+        uri = "file:///soak/after-faults.py"
+        self.client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "python", "version": 1,
+                                                                     "text": "def add(a, b):\n    return \n"}})
+        reply = await self.client.request("textDocument/inlineCompletion", inline_params(uri, 1, 11), timeout_s=30)
+        self.client.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
+        return st["state"] == "ready" and bool(reply.get("result", {}).get("items"))
 
     async def break_cache(self) -> None:
         """Mode 0500 on the cache folder (a fault only when not root: root ignores mode bits), and the SQLite
@@ -246,7 +274,8 @@ class Soak:
         self.outstanding += [bad_id, unknown]
 
     # ---- the verdict ---------------------------------------------------------------------------------
-    def report(self, base: dict, half: dict, end: dict, requests: int, cycles: int, alive: bool, code: int, seconds: float) -> dict:
+    def report(self, base: dict, half: dict, end: dict, requests: int, cycles: int, alive: bool, code: int, seconds: float,
+               recovered: bool | None) -> dict:
         a = self.args
         responses = self.client.responses
         missing = [i for i in self.ids if not responses.get(i)]
@@ -274,6 +303,7 @@ class Soak:
         }
         if a.chaos:
             checks["server alive through the faults"] = alive
+            checks["the model back and suggesting after the faults"] = bool(recovered)
             checks["0 tracebacks in the server log"] = tracebacks == 0
         else:
             checks["clean exit (code 0)"] = code == 0
@@ -322,7 +352,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=5_000)
     p.add_argument("--cycles", type=int, default=1_000, help="didOpen/didClose cycles")
     p.add_argument("--tracemalloc", action="store_true", help="run the server with PYTHONTRACEMALLOC=1 (slower)")
-    p.add_argument("--chaos", action="store_true", help="random faults every 50 edits")
+    p.add_argument("--chaos", action="store_true", help="random faults (see --fault-every)")
+    p.add_argument("--fault-every", type=int, default=50, help="edits between two faults in a chaos run")
     p.add_argument("--max-kills", type=int, default=6, help="most worker SIGKILLs in a chaos run")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true")

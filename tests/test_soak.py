@@ -27,12 +27,13 @@ async def test_soak_short_no_leaks():
 
 
 async def test_soak_short_chaos():
-    """500 edits with a fault every 50 (worker SIGKILL, cache folder replaced by a file, bad frames): the server
-    stays up, answers after each fault, and logs no traceback."""
+    """500 edits with a fault every 25 (worker SIGKILL, cache folder 0500 with its database overwritten, bad
+    frames): the server stays up, answers after each fault, and logs no traceback."""
     soak = _soak_module()
     result = await soak.Soak(soak.parse_args(["--changes", "500", "--requests", "250", "--cycles", "50", "--chaos",
-                                              "--seed", "3", "--max-kills", "2"])).run()
+                                              "--fault-every", "25", "--seed", "3", "--max-kills", "2"])).run()
     soak.print_table(result)
-    assert sum(result["faults"].values()) >= 10
+    assert sum(result["faults"].values()) >= 20 and result["faults"]["cache_broken"] >= 5
+    assert result["faults"]["worker_killed"] >= 1
     assert result["checks"] and all(result["checks"].values()), result["checks"]
     assert result["log_tracebacks"] == 0
