@@ -405,7 +405,7 @@ async def test_f3_injection_outputs_come_back_as_text_and_start_no_process(tmp_p
     client, _ = await start(tmp_path, fake={"outputs": outputs, "action_outputs": outputs},
                             env={"OFFPILOT_AUDIT_LOG": str(log)})
     try:
-        await initialize(client)
+        status = await initialize(client)
         uri = "file:///f3/notes.txt"  # plain text: no syntax check stands between the model and the answer
         did_open(client, uri, "Run this: \n\n", "plaintext")
         texts = []
@@ -417,6 +417,9 @@ async def test_f3_injection_outputs_come_back_as_text_and_start_no_process(tmp_p
             reply = await explain(client, uri, whole(1), version=len(outputs) + 1)
             explained.append(reply["result"]["markdown"])
         await asyncio.sleep(0.3)
+        # Below Python's audit hooks too (a C library could exec): the process tree is the server and its worker.
+        descendants = [p.pid for p in psutil.Process(client.proc.pid).children(recursive=True)]
+        assert descendants == [status["workerPid"]]
     finally:
         await client.close()
     assert len(texts) == len(outputs) and all(t in o for t, o in zip(texts, outputs))  # the model's text, nothing more
