@@ -111,3 +111,50 @@ async def run_case(case: GoldenCase) -> str | None:
 
 def all_cases() -> list[Path]:
     return sorted(GOLDEN_DIR.rglob("*.txt"))
+
+
+_CODECS = {"utf-8": ("utf-8", 1), "utf-16": ("utf-16-le", 2), "utf-32": ("utf-32-le", 4)}
+
+
+def client_offset(text: str, line: int, character: int, encoding: str) -> int:
+    """What an editor does with an LSP position (independently of the server's code): find the line (ends
+    are \\n, \\r\\n, \\r), count `character` units of `encoding` into it."""
+    lines = re.split(r"(\r\n|\r|\n)", text)
+    start = sum(len(part) for part in lines[: 2 * line])
+    codec, unit = _CODECS[encoding]
+    content = lines[2 * line].encode(codec, "surrogatepass")
+    return start + len(content[: character * unit].decode(codec))
+
+
+async def run_case_lsp(case: GoldenCase, encoding: str) -> str | None:
+    """The case through the inline-completion handler with positions in `encoding` (the cursor sent as the
+    client would, the item's range applied as the client would), or None when no item comes back."""
+    from types import SimpleNamespace
+
+    from lsprotocol import types
+
+    from lsp_server.documents import DocumentStore
+    from lsp_server.handlers import inline
+
+    engine = ScriptedEngine(case.model)
+    ls = SimpleNamespace(store=DocumentStore(), position_encoding=encoding, completions=CompletionService(engine, Settings()))
+    uri = f"file:///golden/{case.file_name}"
+    info = detect("", uri)
+    ls.store.open(uri, info.language_ids[0] if info else "plaintext", 1, case.document)
+    before = case.document[: case.offset]
+    line = len(re.findall(r"\r\n|\r|\n", before))
+    line_start = max(before.rfind("\n"), before.rfind("\r")) + 1
+    codec, unit = _CODECS[encoding]
+    character = len(before[line_start:].encode(codec, "surrogatepass")) // unit
+    params = types.InlineCompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line=line, character=character),
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked),
+    )
+    result = await inline.inline_completion(ls, params)
+    if not result.items:
+        return None
+    item = result.items[0]
+    r = item.range
+    start = client_offset(case.document, r.start.line, r.start.character, encoding)
+    end = client_offset(case.document, r.end.line, r.end.character, encoding)
+    return case.document[:start] + item.insert_text + case.document[end:]

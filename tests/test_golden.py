@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from golden_runner import all_cases, load, run_case
+from golden_runner import all_cases, load, run_case, run_case_lsp
 from lsp_server.context.syntax import count_errors, parse_bytes
 from lsp_server.languages import detect
 
@@ -36,3 +36,13 @@ async def test_golden(path):
     before, after = _errors(case.file_name, case.document), _errors(case.file_name, accepted)
     if before is not None:
         assert after <= before, f"accepting added parse errors ({before} -> {after})"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-32"])
+@pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+async def test_golden_through_the_handler_in_each_encoding(path, encoding):
+    """D6: the same cases through the LSP handler, the cursor and the item's range in each position encoding
+    (CRLF cases included): accepting the item gives exactly the golden file."""
+    case = load(path)
+    accepted = await run_case_lsp(case, encoding)
+    assert accepted == case.expected
