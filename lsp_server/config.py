@@ -141,6 +141,13 @@ class ActionSettings:
 
 
 @dataclass
+class PrivacySettings:
+    secret_files: str = ""
+    """More file-name globs, comma-separated (e.g. "*.secret.yaml, vault.json"), whose files get no AI features and
+    serve as no context, besides the built-in ones (.env*, *.pem, *.key, id_rsa*, .npmrc, .pypirc, *.p12, ...)."""
+
+
+@dataclass
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     """The GGUF model and how it runs."""
@@ -152,6 +159,8 @@ class Settings:
     """The response cache."""
     actions: ActionSettings = field(default_factory=ActionSettings)
     """Code actions."""
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    """What never reaches the model."""
 
 
 def _snake(name: str) -> str:

@@ -67,11 +67,18 @@ INVISIBLE = re.compile(
 ZWNJ stay: emoji sequences and several scripts need them."""
 
 _warned_invisible: set[str] = set()
+_user_globs: tuple[str, ...] = ()
+
+
+def configure(secret_files: str) -> None:
+    """The user's own globs (setting privacy.secretFiles, comma-separated), added to SECRET_GLOBS."""
+    global _user_globs
+    _user_globs = tuple(g.strip().lower() for g in secret_files.split(",") if g.strip())
 
 
 def is_secret_path(path: str) -> bool:
     name = os.path.basename(path.rstrip("/")).lower()
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SECRET_GLOBS)
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SECRET_GLOBS + _user_globs)
 
 
 def is_secret_uri(uri: str) -> bool:

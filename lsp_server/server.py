@@ -19,7 +19,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcRequestCancelled
 from pygls.lsp.server import LanguageServer
 
-from . import __version__, prompts
+from . import __version__, prompts, redact
 from .actions import ActionService
 from .completion import CompletionService
 from .config import Settings, merge
@@ -64,6 +64,7 @@ class OffpilotServer(LanguageServer):
         if params.process_id:
             self.watch_client(params.process_id)
         merge(self.settings, params.initialization_options, source="initializationOptions")
+        redact.configure(self.settings.privacy.secret_files)
         roots = [f.uri for f in params.workspace_folders or []] or ([params.root_uri] if params.root_uri else [])
         self.completions.crossfile.roots = [Path(uri_path(uri)).resolve() for uri in roots if uri.startswith("file:")]
 
@@ -72,6 +73,7 @@ class OffpilotServer(LanguageServer):
         and worker settings when the server next starts (a model is not reloaded behind the user's back)."""
         before = dataclasses.asdict(self.settings.model), dataclasses.asdict(self.settings.worker)
         merge(self.settings, settings, source="didChangeConfiguration")  # each bad value: one warning in the log
+        redact.configure(self.settings.privacy.secret_files)
         if (dataclasses.asdict(self.settings.model), dataclasses.asdict(self.settings.worker)) != before:
             log.warning("model and worker settings changed: reloading the model")
             self.restart_engine()

@@ -757,6 +757,21 @@ def test_f9_the_log_formatter_redacts_whatever_a_debug_line_carries(tmp_path):
     assert [c for c in (AKIA, SK_LIVE, PEM_BODY) if c in text] == []
 
 
+async def test_f10_the_users_own_secret_globs(tmp_path):
+    record = tmp_path / "prompts.jsonl"
+    client, _ = await start(tmp_path, fake={"outputs": ["a + b"], "record_path": str(record)})
+    try:
+        await initialize(client, options={"privacy": {"secretFiles": "*.secret.py, vault.json"}})
+        secret, plain = "file:///p/config.secret.py", "file:///p/config.py"
+        for uri in (secret, plain):
+            did_open(client, uri, "def add(a, b):\n    return \n")
+        assert await inline(client, secret, 1, 11) == []
+        assert await inline(client, plain, 1, 11) == ["a + b"]
+    finally:
+        await client.close()
+    assert len(prompts_of(record)) == 1  # the plain file's only
+
+
 # ---- F12: the network guard itself ------------------------------------------------------------------------------
 def test_f12_outbound_connections_fail_here_and_in_subprocesses_loopback_works():
     t0 = time.monotonic()
@@ -903,6 +918,18 @@ def test_secret_file_names(name, secret):
 
     assert is_secret_path(f"/w/{name}") is secret
     assert is_secret_uri(Path(f"/w/{name}").as_uri()) is secret
+
+
+def test_secret_file_globs_from_the_setting():
+    from lsp_server.redact import configure, is_secret_path
+
+    try:
+        configure(" *.secret.yaml ,Vault.json,, ")
+        assert is_secret_path("/w/prod.secret.yaml") and is_secret_path("/w/vault.json") and is_secret_path("/w/.env")
+        assert not is_secret_path("/w/prod.yaml")
+    finally:
+        configure("")
+    assert not is_secret_path("/w/vault.json")
 
 
 def test_crossfile_reads_stay_inside_the_workspace(tmp_path):
