@@ -591,3 +591,56 @@ async def test_a_huge_document_gets_plain_text_completions_from_a_window():
     prompt = "".join(segment.text for segment in engine.requests[0].segments)
     assert len(prompt.encode()) <= 16 * 1024, len(prompt.encode())
     print(f"\nC8: completion on a {len(text.encode()) / 1e6:.1f} MB document in {elapsed_ms:.0f} ms, prompt {len(prompt.encode())} bytes")
+
+
+# ---- C1 end to end: the real server in each negotiated encoding --------------------------------------------------
+@pytest.mark.parametrize("encoding", [UTF8, UTF16])
+async def test_the_server_keeps_the_clients_text_in_the_negotiated_encoding(encoding, tmp_path):
+    """C1/C2/C3 over stdio: random edits expressed in the negotiated encoding, then a completion whose prompt
+    (recorded by the scripted worker) holds exactly the client's text; a rejected edit turns AI features off
+    for the document until a full-text change. (The server never chooses UTF-32: it prefers UTF-8, else
+    UTF-16; the store's UTF-32 path is covered by the state machine.)"""
+    record = tmp_path / "requests.jsonl"
+    client = await RawClient.start("--fake-engine", json.dumps({"outputs": ["done"], "record_path": str(record)}))
+    try:
+        reply = await client.initialize({"general": {"positionEncodings": [encoding]}, "textDocument": {"inlineCompletion": {}}})
+        assert reply["result"]["capabilities"].get("positionEncoding", UTF16) == encoding
+        await client.wait_ready()
+        text = "# a😀b 名前 e\u0301 👨\u200d👩\u200d👧\r\nx = 1\rnote = 'é\u2028\x85\f'\n"
+        client.notify("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "python", "version": 1, "text": text}})
+        rng = random.Random(11)
+        version = 1
+        for _ in range(40):
+            a, b = sorted(rng.randrange(len(text) + 1) for _ in range(2))
+            while text[a - 1 : a + 1] == "\r\n" or text[b - 1 : b + 1] == "\r\n" or (0 < a < len(text) and "\udc00" <= text[a] <= "\udfff"):
+                a, b = sorted(rng.randrange(len(text) + 1) for _ in range(2))
+            new = "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 3)))
+            (sl, sc), (el, ec) = ref_position(text, a, encoding), ref_position(text, b, encoding)
+            version += 1
+            client.notify("textDocument/didChange", {"textDocument": {"uri": URI, "version": version}, "contentChanges": [
+                {"range": {"start": {"line": sl, "character": sc}, "end": {"line": el, "character": ec}}, "text": new}]})
+            text = ref_apply(text, [TextChange(new, ((sl, sc), (el, ec)))], encoding)
+        text_end = text + "\nresult = "
+        version += 1
+        client.notify("textDocument/didChange", {"textDocument": {"uri": URI, "version": version}, "contentChanges": [{"text": text_end}]})
+        line, character = ref_position(text_end, len(text_end), encoding)
+        reply = await client.request("textDocument/inlineCompletion", inline_params(URI, line, character))
+        items = reply["result"]["items"]
+        assert [i["insertText"] for i in items] == ["done"]
+        assert items[0]["range"]["start"] == {"line": line, "character": character}
+        prompt = "".join(s["text"] for s in json.loads(record.read_text().splitlines()[-1])["segments"])
+        def visible(t: str) -> str:  # the prompt goes without zero-width characters (redact.py, F13)
+            return re.sub("[\u200b-\u200f\u2060\ufeff]", "", t)
+
+        assert visible(text_end)[-60:] in visible(prompt)  # the server's text is the client's
+        # A reversed range: rejected whole, the document is desynced and gets no completions ...
+        client.notify("textDocument/didChange", {"textDocument": {"uri": URI, "version": version + 1}, "contentChanges": [
+            {"range": {"start": {"line": 0, "character": 3}, "end": {"line": 0, "character": 1}}, "text": "X"}]})
+        reply = await client.request("textDocument/inlineCompletion", inline_params(URI, line, character))
+        assert reply["result"]["items"] == []
+        # ... until the client sends the whole text again.
+        client.notify("textDocument/didChange", {"textDocument": {"uri": URI, "version": version + 2}, "contentChanges": [{"text": text_end}]})
+        reply = await client.request("textDocument/inlineCompletion", inline_params(URI, line, character))
+        assert [i["insertText"] for i in reply["result"]["items"]] == ["done"]
+    finally:
+        await client.close()
