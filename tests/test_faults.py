@@ -454,3 +454,15 @@ async def test_starting_twice_leaves_one_worker():
             os.kill(first, 0)
     finally:
         await client.stop()
+
+
+def test_prompt_chunks_stay_well_inside_the_hang_timeout():
+    from lsp_server.engine.backends import chunk_tokens
+
+    target = 10.0 / 4
+    assert chunk_tokens(128, None, target) == 16  # the first chunk ever: small, the speed is not known yet
+    assert chunk_tokens(128, 150.0, target) == 128  # 0.5B on 2 cores: the configured size
+    assert chunk_tokens(128, 10.0, target) == 25  # 7B on 2 cores: 25 tokens ~ 2.5 s (128 would take 13 s)
+    assert chunk_tokens(128, 1.0, target) == 8
+    assert chunk_tokens(16, 5000.0, target) == 16  # never over the configured size
+    assert chunk_tokens(128, 10.0, 0.0) == 128  # no hang timeout: as configured

@@ -42,6 +42,12 @@ class LlamaBackend:
         self._llama_cpp = llama_cpp
         self.chunk = max(8, int(config.get("prefill_chunk_tokens", 128)))
         self.action_chunk = max(4, int(config.get("action_prefill_chunk_tokens", 16)))
+        # The server kills a worker that shows no progress for hang_timeout_s, and progress shows between
+        # prompt chunks: a chunk must take well under that, also for a 7B model on two CPU cores (~10 tokens/s:
+        # 128 tokens would take 13 s). So chunks are sized from the measured prompt speed.
+        hang_s = float(config.get("hang_timeout_s") or 0)
+        self.chunk_target_s = hang_s / 4 if hang_s > 0 else 0.0
+        self.prefill_tokens_per_s: float | None = None
         self.reuse_kv_cache = bool(config.get("reuse_kv_cache", True))
         self.model_path = config["model_path"]
         self.plan, _, _ = plan_for_file(
@@ -141,6 +147,11 @@ class LlamaBackend:
                 break
         return min(count, len(prompt) - 1)
 
+    def _note_prefill_speed(self, tokens: int, seconds: float) -> None:
+        if tokens >= 8 and seconds > 0:
+            rate = tokens / seconds
+            self.prefill_tokens_per_s = rate if self.prefill_tokens_per_s is None else 0.7 * self.prefill_tokens_per_s + 0.3 * rate
+
     def info(self, probe_tokens: list[str]) -> dict:
         meta = dict(self.llm.metadata)
         present = []
@@ -237,8 +248,11 @@ class LlamaBackend:
                 return yielded(req.resume_text, list(req.resume_tokens))
             if reason:
                 return GenerationResult(finish=reason, prompt_tokens=prompt_len, reused_tokens=reused, prefill_ms=_ms(started))
-            end = min(pos + (self.chunk if req.lane == "completion" else self.action_chunk), len(prompt) - 1)
+            limit = self.chunk if req.lane == "completion" else self.action_chunk
+            end = min(pos + chunk_tokens(limit, self.prefill_tokens_per_s, self.chunk_target_s), len(prompt) - 1)
+            t_eval = time.perf_counter()
             llm.eval(prompt[pos:end])
+            self._note_prefill_speed(end - pos, time.perf_counter() - t_eval)
             pos = end
         acc = TextAccumulator(req)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -289,6 +303,17 @@ class LlamaBackend:
             prefill_ms=prefill_ms,
             decode_ms=_ms(decode_started) if decode_started else 0.0,
         )
+
+
+def chunk_tokens(limit: int, tokens_per_s: float | None, target_s: float) -> int:
+    """Prompt tokens to evaluate before the next cancellation check and progress tick: the configured `limit`,
+    fewer when the measured speed says that many would take longer than `target_s` (16 before any measure),
+    never under 8 (tiny batches waste the CPU's matrix kernels)."""
+    if target_s <= 0:
+        return limit
+    if tokens_per_s is None:
+        return min(limit, 16)
+    return max(min(8, limit), min(limit, int(tokens_per_s * target_s)))
 
 
 _FAKE_TOKEN = re.compile(r"\s+|\w+|[^\w\s]")

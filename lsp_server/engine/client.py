@@ -199,6 +199,7 @@ class WorkerClient:
             "action_prefill_chunk_tokens": self.config.action_prefill_chunk_tokens,
             "reuse_kv_cache": self.config.reuse_kv_cache,
             "probe_tokens": self.config.probe_tokens,
+            "hang_timeout_s": self.config.hang_timeout_s,
             "fake": self.config.fake,
         }
         cmd = [
