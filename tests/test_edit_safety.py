@@ -10,9 +10,7 @@ through the whole server over stdio.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -21,8 +19,7 @@ from hypothesis import strategies as st
 from lsprotocol import types
 from lsprotocol.converters import get_converter
 
-from golden_runner import CURSOR, GOLDEN_DIR, ScriptedEngine, load
-from lsp_raw import RawClient, inline_params
+from golden_runner import ScriptedEngine
 from lsp_server import postprocess
 from lsp_server.actions import ActionService
 from lsp_server.completion import CompletionService
@@ -30,7 +27,6 @@ from lsp_server.config import Settings
 from lsp_server.context import Snapshot, build_context
 from lsp_server.documents import UTF8, UTF16, UTF32, DocumentStore, TextChange
 from lsp_server.handlers import actions as action_handlers
-from lsp_server.handlers import documents as document_handlers
 from lsp_server.handlers import inline as inline_handlers
 
 CONVERTER = get_converter()

@@ -47,8 +47,12 @@ def parse_bytes(name: str, data: bytes, old_tree=None, deadline_s: float | None 
         return parser.parse(data, old_tree) if old_tree is not None else parser.parse(data)
     stop_at = time.monotonic() + deadline_s
 
+    returned: list[bytes] = []
+
     def read(byte: int, _point) -> bytes:
-        return data[byte : byte + 65536]
+        chunk = data[byte : byte + 65536]
+        returned.append(chunk)
+        return chunk
 
     def progress(_offset: int, _has_error: bool) -> bool:
         return time.monotonic() > stop_at
@@ -59,6 +63,49 @@ def parse_bytes(name: str, data: bytes, old_tree=None, deadline_s: float | None 
         return parser.parse(read, old_tree, progress_callback=progress)
     except ValueError as exc:  # tree-sitter reports a halted parse this way
         raise ParseTimeout(f"{name}: parse took over {deadline_s * 1000:.0f} ms") from exc
+    finally:
+        _release_read_chunks(returned)
+
+
+_READ_LEAKS: bool | None = None
+
+
+def _release_read_chunks(chunks: list[bytes]) -> None:
+    """py-tree-sitter 0.26.1 keeps one reference to every bytes object a read callback returns, so each parse
+    leaked a copy of the document (soak: +23 MB server RSS over 10,000 edits; 3,000 parses of a 5.6 KB file:
+    +14 MB). Once the parse is over, give those references back, if (probed once) this tree-sitter leaks."""
+    global _READ_LEAKS
+    if _READ_LEAKS is None:
+        _READ_LEAKS = _probe_read_leak()
+    if _READ_LEAKS:
+        import ctypes
+
+        for chunk in chunks:
+            ctypes.pythonapi.Py_DecRef(ctypes.py_object(chunk))
+
+
+def _probe_read_leak() -> bool:
+    import sys
+
+    import tree_sitter
+
+    language = languages.grammar("python")
+    if language is None:
+        return False
+    chunk = bytes(bytearray(b"x = 1\n"))  # a fresh object: no interning, no other owner
+
+    def read(byte: int, _point) -> bytes:
+        return chunk if byte == 0 else bytes(bytearray())
+
+    before = sys.getrefcount(chunk)
+    tree_sitter.Parser(language).parse(read, progress_callback=lambda _offset, _error: False)
+    leaked = sys.getrefcount(chunk) - before
+    if leaked > 0:
+        import ctypes
+
+        for _ in range(leaked):
+            ctypes.pythonapi.Py_DecRef(ctypes.py_object(chunk))
+    return leaked == 1
 
 
 def _point_at(data: bytes, byte: int) -> tuple[int, int]:
