@@ -1,6 +1,6 @@
 """Long runs of the document-sync properties (reliability.md C2-C4, C6), beyond what CI runs per push.
 
-    .venv/bin/python scripts/fuzz_documents.py [--sessions 10000] [--steps 20] [--jobs 4] [--tree-edits 10000]
+    .venv/bin/python scripts/fuzz_documents.py [--sessions 10000] [--steps 20] [--jobs 4] [--split 1] [--tree-edits 10000]
 
 --sessions: hypothesis sessions per state machine (UTF-8, UTF-16, UTF-32, and chunked UTF-8/UTF-16), each of at
 most --steps edit batches, the strict store against the reference in tests/sync_machine.py; --tree-edits:
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
-def run_machine(args: tuple[str, int, int]) -> tuple[str, int, float, str]:
+def run_machine(args: tuple[str, int, int, bool]) -> tuple[str, int, float, str]:
     import logging
 
     from hypothesis import settings
@@ -30,12 +30,12 @@ def run_machine(args: tuple[str, int, int]) -> tuple[str, int, float, str]:
     import sync_machine
 
     logging.disable(logging.CRITICAL)  # every rejected batch logs a warning: millions here
-    name, sessions, steps = args
+    name, sessions, steps, derandomize = args
     machine = getattr(sync_machine, name)
     t0 = time.perf_counter()
     try:
         run_state_machine_as_test(machine, settings=settings(sync_machine.MACHINE_SETTINGS, max_examples=sessions,
-                                                             stateful_step_count=steps, database=None))
+                                                             stateful_step_count=steps, database=None, derandomize=derandomize))
         error = ""
     except BaseException as exc:  # the counterexample is printed by hypothesis
         error = f"{type(exc).__name__}: {str(exc)[:2000]}"
@@ -80,13 +80,19 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=10_000)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--jobs", type=int, default=min(5, multiprocessing.cpu_count()))
+    ap.add_argument("--split", type=int, default=1, help="processes per machine (random seeds instead of the fixed one)")
     ap.add_argument("--tree-edits", type=int, default=10_000)
     args = ap.parse_args()
     names = ["SyncUtf8", "SyncUtf16", "SyncUtf32", "SyncChunkedUtf8", "SyncChunkedUtf16"]
     rows = []
     if args.sessions:
+        per = -(-args.sessions // args.split)
+        jobs = [(name, per, args.steps, args.split == 1) for name in names for _ in range(args.split)]
         with multiprocessing.Pool(args.jobs) as pool:
-            rows += pool.map(run_machine, [(name, args.sessions, args.steps) for name in names])
+            results = pool.map(run_machine, jobs)
+        for name in names:  # one row per machine: sessions summed, wall time of its slowest part
+            mine = [r for r in results if r[0] == name]
+            rows.append((name, sum(r[1] for r in mine), max(r[2] for r in mine), "; ".join(r[3] for r in mine if r[3])))
     if args.tree_edits:
         rows += run_trees(args.tree_edits)
     print(f"{'check':<22} {'runs':>8} {'seconds':>9}  result")
