@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -304,3 +305,45 @@ async def test_client_vanishing_mid_generation_ends_everything_quietly(tmp_path)
     print(f"\nE6 server and worker gone in {elapsed:.2f} s; error lines {len(errors)}")
     assert not alive and elapsed <= 2.0
     assert len(errors) <= 1, errors
+
+
+# ---- A4: a superseded generation stops within one token step --------------------------------------------
+
+_TIMINGS = re.compile(r"completion \w+ .*context=([\d.]+)ms prefill=(\d+)ms decode=(\d+)ms post=([\d.]+)ms total=(\d+)ms")
+
+
+@pytest.mark.parametrize("phase, fake", [
+    ("decode", {"outputs": [" ".join(["x"] * 300), "a + b"], "token_delay_ms": 20}),
+    ("prefill", {"outputs": ["a + b"], "prefill_delay_ms": 1000, "prefill_chunk_ms": 20, "token_delay_ms": 1}),
+])
+async def test_superseded_generation_stops_within_one_step(tmp_path, phase, fake):
+    """A long generation runs (decoding at 20 ms per token, or in a prefill that can stop every 20 ms, as a real
+    one between chunks); a newer request arrives. The newer one's answer waits for the old generation to
+    stop (one at a time): its total minus its own context, prefill, decode and post-processing is that wait."""
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log_file:
+        client = await start(fake, {"completion": {"debounceMs": 0, "prefetch": False, "maxTokensSingleLine": 400}},
+                             stderr=log_file)
+    uri = "file:///stop.py"
+    waits = []
+    try:
+        open_doc(client, uri, "def add(a, b):\n    return \n")
+        for k in range(5):
+            col = 11 + 2 * k  # every request on a new text: none is answered from the cache
+            insert(client, uri, 2 * k + 2, LINE, col, "x")
+            old = client.request_nowait("textDocument/inlineCompletion", inline_params(uri, LINE, col + 1))
+            await asyncio.sleep(0.4)  # the old generation is well under way
+            assert (await status(client))["scheduler"]["running"] == 1
+            insert(client, uri, 2 * k + 3, LINE, col + 1, "+")
+            await client.request("textDocument/inlineCompletion", inline_params(uri, LINE, col + 2), timeout_s=15)
+            assert client.responses[old][0]["result"] == {"items": []}
+        await asyncio.sleep(0.2)
+    finally:
+        assert await client.close() == 0
+    for m in _TIMINGS.finditer(log_path.read_text(errors="replace")):
+        context, prefill, decode, post, total = map(float, m.groups())  # only answered generations are logged
+        waits.append(total - context - prefill - decode - post)
+    print(f"\nA4 ({phase}) the superseded generation stopped within {max(waits):.0f} ms (median "
+          f"{sorted(waits)[len(waits) // 2]:.0f}) over {len(waits)}, at 20 ms per step")
+    assert len(waits) >= 5
+    assert max(waits) <= 50.0 + 20.0  # one step, plus the round trip through the worker's pipes
