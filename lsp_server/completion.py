@@ -106,6 +106,9 @@ class Prepared:
     template: prompts.FimTemplate
 
 
+_FIRST_LINE_GRACE_S = 0.1
+"""After a multi-line generation's first line, how long to wait for the rest before answering with that line."""
+
 _FOLLOW_GRACE_S = 0.3
 """How long a generation whose request the client cancelled waits for a newer request to follow it."""
 
@@ -349,6 +352,8 @@ class CompletionService:
         try:
             if req.partial is not None:
                 await asyncio.wait((req.future, req.partial), return_when=asyncio.FIRST_COMPLETED)
+                if not req.future.done():  # the whole text may be only moments behind (a fast model): show it all
+                    await asyncio.wait((req.future,), timeout=_FIRST_LINE_GRACE_S)
                 if not req.future.done():
                     early = await self._answer_first_line(req, snapshot, prepared, t0, context_ms)
                     if early is not None:
