@@ -320,3 +320,100 @@ async def _resolve_first_refactor(ls, line, character):
     listed = await action_handlers.code_action(ls, action_params(line, character))
     action = next(a for a in listed if a.kind == types.CodeActionKind.RefactorRewrite)
     return await action_handlers.resolve(ls, action)
+
+
+# ---- D1 end to end: typing while the model generates ------------------------------------------------------------------
+async def test_no_inline_item_is_sent_for_a_version_that_went_stale_while_the_model_worked():
+    """The whole server, a scripted model at 20 ms per token: a didChange that lands mid-generation makes the
+    answer empty (the item would be placed by positions of the old text); the same request with no typing
+    gets its item. 10 rounds each."""
+    import json
+
+    from lsp_raw import RawClient, inline_params
+
+    client = await RawClient.start("--fake-engine", json.dumps({"outputs": ["total + 1 if total else 0"], "token_delay_ms": 20}))
+    try:
+        # No cache: each answer must come from a generation the typing can overtake.
+        await client.initialize({"general": {"positionEncodings": ["utf-16"]}, "textDocument": {"inlineCompletion": {}}},
+                                {"cache": {"enabled": False}})
+        await client.wait_ready()
+        text = "def f(total):\n    return \n"
+        client.notify("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "python", "version": 1, "text": text}})
+        version, stale_items, fresh_items = 1, 0, 0
+        for _ in range(10):
+            request = client.request_nowait("textDocument/inlineCompletion", inline_params(URI, 1, 11))
+            await asyncio.sleep(0.05)  # the model is generating
+            version += 1
+            client.notify("textDocument/didChange", {"textDocument": {"uri": URI, "version": version}, "contentChanges": [
+                {"range": {"start": {"line": 2, "character": 0}, "end": {"line": 2, "character": 0}}, "text": "#"}]})
+            stale_items += len((await client.wait_response(request, 10))["result"]["items"])
+            fresh_items += len((await client.request("textDocument/inlineCompletion", inline_params(URI, 1, 11)))["result"]["items"])
+        assert stale_items == 0
+        assert fresh_items == 10
+    finally:
+        await client.close()
+
+
+# ---- D5: an action applied while the user types ----------------------------------------------------------------------
+def test_an_action_racing_typing_ends_in_one_of_the_linearizations():
+    """1,000 runs: the user types one character at a random moment (before the listing, while the model
+    works, after the edit is computed but before the client applies it, or after). The client applies a
+    versioned edit only at that version (as VS Code does). The final text is always "action, then typing" or
+    "typing, action refused": never the action's text placed by positions of a text it was not computed for."""
+    import random
+
+    rng = random.Random(9)
+    outcomes = {"action then typing": 0, "typing, action refused": 0}
+    ls = make_ls([REFACTORED])
+    for run in range(1000):
+        ls.store, ls.engine.during = DocumentStore(), None
+        client_text = DOC
+        doc = open_doc(ls, client_text)
+        moment = rng.choice(["before listing", "while the model works", "before applying", "after applying"])
+        where = rng.choice([(0, 0), (6, 0), (8, 5)])  # above, below the function; in the next one
+
+        def type_one():
+            nonlocal client_text
+            client_text = apply_text_edits(client_text, [(where, where, "#")], UTF16)
+            ls.store.change(URI, doc.version + 1, [TextChange("#", (where, where))], UTF16)
+
+        async def race():
+            nonlocal client_text
+            if moment == "before listing":
+                type_one()
+            if moment == "while the model works":
+                ls.engine.during = type_one
+            action = await refactor_action(ls)
+            resolved = await action_handlers.resolve(ls, action)
+            if moment == "before applying":
+                type_one()
+            if resolved.edit is not None:
+                version, edits = edits_of(ls, resolved.edit)
+                if version == doc.version:  # the client's check
+                    client_text = apply_text_edits(client_text, edits, UTF16)
+                    ls.store.change(URI, doc.version + 1, [TextChange(e[2], (e[0], e[1])) for e in edits], UTF16)
+            if moment == "after applying":
+                type_one()
+
+        asyncio.run(race())
+        typed_only = apply_text_edits(DOC, [(where, where, "#")], UTF16)
+        refactored = DOC.replace("def area(w, h):\n    return w * h", "def area(width, height):\n    return width * height")
+        action_then_typing = {apply_text_edits(refactored, [(where, where, "#")], UTF16)}  # same line count
+        assert client_text == ls.store.get(URI).text
+        if client_text == typed_only:
+            outcomes["typing, action refused"] += 1
+        else:
+            assert client_text in action_then_typing, (moment, where, client_text)
+            outcomes["action then typing"] += 1
+    assert all(outcomes.values()), outcomes
+    print(f"\nD5: 1000 runs: {outcomes}")
+
+
+async def test_a_desynced_document_gets_no_code_actions_until_a_full_sync():
+    ls = make_ls([REFACTORED])
+    open_doc(ls)
+    with pytest.raises(Exception):
+        ls.store.change(URI, 2, [TextChange("X", ((4, 8), (4, 2)))], UTF16)
+    assert await action_handlers.code_action(ls, action_params(4, 8)) is None
+    ls.store.change(URI, 3, [TextChange(DOC)], UTF16)
+    assert await action_handlers.code_action(ls, action_params(4, 8))
