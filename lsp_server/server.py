@@ -251,8 +251,17 @@ class OffpilotServer(LanguageServer):
                 return
             except OSError as exc:
                 log.error("reading stdin failed: %s", exc)
-            shut = self.protocol.shutdown_received
-            self.request_exit(0 if shut else 1, "end of input" + (" inside a message" if reader.truncated_at_eof else ""))
+            why = "end of input" + (" inside a message" if reader.truncated_at_eof else "")
+
+            def end_of_input() -> None:  # on the loop, after the messages read before the end
+                self.request_exit(0 if self.protocol.shutdown_received else 1, why)
+
+            try:
+                loop.call_soon_threadsafe(end_of_input)
+            except RuntimeError:
+                pass
+            time.sleep(self.EXIT_GRACE_S)
+            self.request_exit(1, why + " (the event loop did not answer)")  # a no-op once exiting
 
         threading.Thread(target=read_loop, name="offpilot-stdin", daemon=True).start()
         # Ends here, inside the loop: asyncio.run's clean-up would cancel handlers mid-way (tracebacks in

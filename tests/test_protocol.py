@@ -589,6 +589,16 @@ def test_end_of_input_inside_a_frame_is_a_clean_exit(after_shutdown):
     assert server.non_frame_bytes() == b""
 
 
+def test_shutdown_and_end_of_input_in_one_write_exit_0():
+    # The exit code is decided after the messages read before the end of input have run (it raced them).
+    server = StrictServer()
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"processId": None, "capabilities": {}}}
+    server.write(frame(init) + frame({"jsonrpc": "2.0", "id": 2, "method": "shutdown"}))
+    server.proc.stdin.close()
+    assert server.exit_code(10) == 0
+    assert server.non_frame_bytes() == b""
+
+
 def test_lifecycle_e2e_exit_after_shutdown_code_0_and_workers_reaped():
     server = StrictServer()
     early = server.request_nowait("textDocument/inlineCompletion", inline("file:///a.py", 0, 0))
