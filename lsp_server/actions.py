@@ -23,7 +23,7 @@ from string import Template
 from . import languages, postprocess, prompts, redact
 from .config import Settings
 from .context import document_eol, indent_unit
-from .context.syntax import count_errors, parse_bytes
+from .context.syntax import count_errors, parse_bytes, too_big_to_parse
 from .engine.client import READY, Job
 from .engine.protocol import GenerationRequest, GenerationResult
 from .prompts import Segment
@@ -294,7 +294,7 @@ def fit_code(code: str, target: ActionTarget, document: str) -> str:
 
 def parse_errors(language: str | None, text: str, deadline_s: float = 1.0) -> int | None:
     """ERROR/MISSING nodes in the whole text; None when the language has no grammar or the parse ran late."""
-    if language is None or languages.grammar(language) is None:
+    if language is None or languages.grammar(language) is None or too_big_to_parse(text):
         return None
     try:
         tree = parse_bytes(language, text.encode("utf-8"), None, deadline_s)

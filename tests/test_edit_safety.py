@@ -417,3 +417,48 @@ async def test_a_desynced_document_gets_no_code_actions_until_a_full_sync():
     assert await action_handlers.code_action(ls, action_params(4, 8)) is None
     ls.store.change(URI, 3, [TextChange(DOC)], UTF16)
     assert await action_handlers.code_action(ls, action_params(4, 8))
+
+
+# ---- D3: an offered refactor never makes the syntax worse -------------------------------------------------------------
+def _corpus():
+    from golden_runner import all_cases, load
+
+    from lsp_server.languages import detect
+
+    for path in all_cases():
+        case = load(path)
+        info = detect("", f"file:///{case.file_name}")
+        if info is not None:
+            yield pytest.param(case, info.name, id=f"{path.parent.name}/{path.stem}")
+
+
+def _broken(code: str) -> str:
+    """The model's rewrite with its last closing bracket or colon dropped (a typical truncated answer)."""
+    for ch in ("}", ")", ":"):
+        i = code.rfind(ch)
+        if i >= 0:
+            return code[:i] + code[i + 1 :]
+    return code + " ("
+
+
+@pytest.mark.parametrize("case, language", list(_corpus()))
+def test_a_refactor_that_breaks_the_syntax_is_never_offered(case, language):
+    """D3 on the golden corpus (every language): the scripted model answers with the target's code minus
+    a closing bracket or colon, twice (the retry too): whatever is offered parses no worse than before."""
+    from lsp_server.actions import ActionError, ActionService, find_target, parse_errors
+    from lsp_server import languages
+
+    document = case.document
+    tree = languages.parse(language, document)
+    target = find_target(document, language, case.offset, case.offset, tree) or find_target(
+        document, language, 0, len(document), None)
+    broken = "```\n" + _broken(target.text) + "\n```"
+    service = ActionService(Engine([broken]), Settings(), family_of=lambda: "qwen2.5-coder")
+    before = parse_errors(language, document)
+    try:
+        outcome = asyncio.run(service.run("refactor", document, language, case.file_name, target))
+    except ActionError:
+        outcome = None
+    if outcome is not None:  # offered: it must parse no worse than before
+        after = document[: target.start] + outcome.new_text + document[target.end :]
+        assert parse_errors(language, after) <= before, outcome.new_text
