@@ -323,7 +323,7 @@ def test_explain_shows_the_explanation_in_a_float(session):
     assert part["lines_range"] == [4, 0, 5, 26]
     # The plugin sends actions.showDocument = false (merged with the user's options): the server opened
     # no Markdown file.
-    assert part["init_options"] == {"actions": {"showDocument": False}, "completion": {"prefetch": False}}
+    assert part["init_options"] == {"actions": {"showDocument": False}, "completion": {"prefetch": False, "firstLineFirst": False}}
     assert not [name for name in part["buffers"] if name.endswith(".md")], part["buffers"]
 
 

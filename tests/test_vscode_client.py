@@ -199,6 +199,8 @@ def run_session(root: Path, vsix: Path) -> dict:
     settings_file.write_text(json.dumps({
         "offpilot.server.command": server,
         "offpilot.completion.maxLines": 12,  # set explicitly: it must reach the server in initializationOptions
+        # The scripted model writes slowly (40 ms a piece): whole blocks as ghost text, as the tests accept them.
+        "offpilot.completion.firstLineFirst": False,
         # A quiet, predictable editor: nothing else pops up over the ghost text or takes Tab.
         "editor.quickSuggestions": {"other": False, "comments": False, "strings": False},
         "editor.suggestOnTriggerCharacters": False,
@@ -397,12 +399,13 @@ def test_settings_reach_the_server_at_start_and_on_change(session):
     # What the user set, and only that, went as initializationOptions (plus the one setting this client
     # always sets); the extension's own settings (offpilot.server.*) never reach the server.
     init = re.findall(r"initializationOptions (\{.*\})", log)
-    assert init and json.loads(init[0]) == {"completion": {"maxLines": 12}, "actions": {"showDocument": False}}, log[-3000:]
+    assert init and json.loads(init[0]) == {"completion": {"maxLines": 12, "firstLineFirst": False},
+                                            "actions": {"showDocument": False}}, log[-3000:]
     # On each change: what is set, and what was set before (now back to its default).
     changes = [json.loads(m) for m in re.findall(r"workspace/didChangeConfiguration (\{.*\})", log)]
     assert changes == [
-        {"offpilot": {"completion": {"maxLines": 12, "enabled": False}, "actions": {"showDocument": False}}},
-        {"offpilot": {"completion": {"maxLines": 12, "enabled": True}, "actions": {"showDocument": False}}},
+        {"offpilot": {"completion": {"maxLines": 12, "firstLineFirst": False, "enabled": False}, "actions": {"showDocument": False}}},
+        {"offpilot": {"completion": {"maxLines": 12, "firstLineFirst": False, "enabled": True}, "actions": {"showDocument": False}}},
     ], log[-3000:]
     assert "unknown setting" not in log, log[-3000:]
 

@@ -162,7 +162,8 @@ local function setup_once()
   end
   require('offpilot').setup({
     cmd = vim.json.decode(os.getenv('OFFPILOT_TEST_CMD')),
-    init_options = { completion = { prefetch = false } },
+    -- The scripted model writes slowly (60 ms a piece): ask for whole blocks, the tests accept them line by line.
+    init_options = { completion = { prefetch = false, firstLineFirst = false } },
   })
 end
 
