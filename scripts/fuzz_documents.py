@@ -1,6 +1,7 @@
 """Long runs of the document-sync properties (reliability.md C2-C4, C6), beyond what CI runs per push.
 
     .venv/bin/python scripts/fuzz_documents.py [--sessions 10000] [--steps 20] [--jobs 4] [--split 1] [--tree-edits 10000]
+        [--machines SyncUtf8,SyncUtf16,SyncUtf32,SyncChunkedUtf8,SyncChunkedUtf16]
 
 --sessions: hypothesis sessions per state machine (UTF-8, UTF-16, UTF-32, and chunked UTF-8/UTF-16), each of at
 most --steps edit batches, the strict store against the reference in tests/sync_machine.py; --tree-edits:
@@ -82,8 +83,9 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=min(5, multiprocessing.cpu_count()))
     ap.add_argument("--split", type=int, default=1, help="processes per machine (random seeds instead of the fixed one)")
     ap.add_argument("--tree-edits", type=int, default=10_000)
+    ap.add_argument("--machines", default="SyncUtf8,SyncUtf16,SyncUtf32,SyncChunkedUtf8,SyncChunkedUtf16")
     args = ap.parse_args()
-    names = ["SyncUtf8", "SyncUtf16", "SyncUtf32", "SyncChunkedUtf8", "SyncChunkedUtf16"]
+    names = args.machines.split(",")
     rows = []
     if args.sessions:
         per = -(-args.sessions // args.split)
