@@ -294,7 +294,9 @@ class Soak:
         checks = {
             "every request answered once": not missing and not duplicated and not wrong,
             "the model's suggestions reached the client": suggested > 0,
-            f"server RSS growth < {rss_bound:.0f} MB": server_growth < rss_bound,
+            # Under --tracemalloc the traces themselves grow RSS (2,000 edits: +25 MB, of which 0.1 MB in Python
+            # objects): the per-site growth is the check there.
+            f"server RSS growth < {rss_bound:.0f} MB": a.tracemalloc or server_growth < rss_bound,
             f"worker RSS growth < {rss_bound:.0f} MB": worker_growth is None or worker_growth < rss_bound,
             "server fds at baseline ±5": abs(end["server_fds"] - base["server_fds"]) <= 5,
             "open documents 0 after closing all": end["open_documents"] == 0,
