@@ -465,7 +465,7 @@ HANG_GRACE_S = 0.25
 """A parse job still running this long after its deadline is taken as hung: the request goes on without a tree
 within 300 ms of the deadline (reliability.md C7)."""
 MAX_HANGS = 5
-"""After this many hung parses in one session tree-sitter stays off (each one leaves a thread behind)."""
+"""After this many hung parses in a row tree-sitter stays off for the session (each leaves a thread behind)."""
 
 
 def too_big_to_parse(text: str, max_bytes: int = MAX_DOCUMENT_BYTES, max_lines: int = MAX_DOCUMENT_LINES) -> bool:
@@ -518,7 +518,7 @@ class SyntaxService:
     parse bounded by a deadline (tree-sitter's progress callback); over-large documents get no tree
     (plain-text mode). A job that overruns its deadline by HANG_GRACE_S (a grammar stuck where the progress
     callback is never called) is abandoned: the request goes on without a tree, a fresh thread takes over,
-    and parsing pauses with back-off (1 s, 2 s, ... 60 s); after MAX_HANGS it stays off."""
+    and parsing pauses with back-off (1 s, 2 s, ... 60 s); after MAX_HANGS in a row it stays off."""
 
     def __init__(self, deadline_ms: float = 200.0, max_document_bytes: int = MAX_DOCUMENT_BYTES,
                  max_document_lines: int = MAX_DOCUMENT_LINES) -> None:
@@ -528,11 +528,12 @@ class SyntaxService:
         self.cache = TreeCache()
         self._worker = _ParseThread()
         self.hangs = 0
+        self._hangs_in_a_row = 0
         self._paused_until = 0.0
         self._backoff_s = 1.0
 
     def usable(self, language: str, text: str) -> bool:
-        if languages.grammar(language) is None or self.hangs >= MAX_HANGS or time.monotonic() < self._paused_until:
+        if languages.grammar(language) is None or self._hangs_in_a_row >= MAX_HANGS or time.monotonic() < self._paused_until:
             return False
         return not too_big_to_parse(text, self.max_document_bytes, self.max_document_lines)
 
@@ -542,8 +543,11 @@ class SyntaxService:
 
         future = asyncio.wrap_future(self._worker.submit(fn, *args))
         try:
-            return await asyncio.wait_for(future, self.deadline_s + HANG_GRACE_S)
-        except ParseTimeout as exc:
+            result = await asyncio.wait_for(future, self.deadline_s + HANG_GRACE_S)
+            self._hangs_in_a_row, self._backoff_s = 0, 1.0  # a late thread on a busy machine is not a broken grammar
+            return result
+        except ParseTimeout as exc:  # slow, not hung: the thread answered
+            self._hangs_in_a_row, self._backoff_s = 0, 1.0
             log.info("no syntax tree: %s", exc)
             self.forget(key)
             return None
@@ -553,11 +557,12 @@ class SyntaxService:
 
     def _hung(self, key: str) -> None:
         self.hangs += 1
+        self._hangs_in_a_row += 1
         old, self._worker = self._worker, _ParseThread()
         old.stop()
         self._paused_until = time.monotonic() + self._backoff_s
         log.warning("a parse of %s ran %.0f ms past its deadline: no syntax tree, parsing paused for %.0f s%s", key,
-                    HANG_GRACE_S * 1000, self._backoff_s, " and now off for this session" if self.hangs >= MAX_HANGS else "")
+                    HANG_GRACE_S * 1000, self._backoff_s, " and now off for this session" if self._hangs_in_a_row >= MAX_HANGS else "")
         self._backoff_s = min(60.0, self._backoff_s * 2)
         self.forget(key)
 
