@@ -67,9 +67,9 @@ def ref_apply(text: str, changes: list[TextChange], encoding: str) -> str:
             text = change.text
             continue
         (sl, sc), (el, ec) = change.range
-        start, end = ref_offset(text, sl, sc, encoding), ref_offset(text, el, ec, encoding)
-        if end < start:
+        if (el, ec) < (sl, sc):  # positions, not offsets: (1, 0)-(0, 0) on "" is reversed though both are offset 0
             raise ValueError("reversed")
+        start, end = ref_offset(text, sl, sc, encoding), ref_offset(text, el, ec, encoding)
         old = text[start:end]
         if change.range_length is not None and change.range_length not in (len(ref_units(old, UTF16)) // 2, len(old)):
             raise ValueError("rangeLength")
