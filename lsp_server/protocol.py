@@ -327,7 +327,9 @@ class OffpilotProtocol(LanguageServerProtocol):
     def lsp_initialize(self, params: types.InitializeParams):
         general = params.capabilities.general
         offered = list(general.position_encodings or []) if general else []
-        chosen = types.PositionEncodingKind.Utf8 if types.PositionEncodingKind.Utf8 in offered else types.PositionEncodingKind.Utf16
+        # UTF-8 first (tree-sitter counts bytes), then UTF-32 (code points: Python's own indexing), else UTF-16.
+        kinds = types.PositionEncodingKind
+        chosen = next((k for k in (kinds.Utf8, kinds.Utf32) if k in offered), kinds.Utf16)
         if general is not None:
             general.position_encodings = [chosen]
         return (yield from super().lsp_initialize(params))

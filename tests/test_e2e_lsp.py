@@ -74,7 +74,8 @@ async def raw(fake: dict, caps: dict | None = None) -> RawClient:
 
 @pytest.mark.parametrize(
     "offered, chosen",
-    [(["utf-16", "utf-8"], "utf-8"), (["utf-32", "utf-16"], "utf-16"), (None, "utf-16")],
+    [(["utf-16", "utf-8"], "utf-8"), (["utf-16", "utf-32"], "utf-32"), (["utf-8", "utf-32", "utf-16"], "utf-8"),
+     (["utf-16"], "utf-16"), (None, "utf-16")],
 )
 async def test_position_encoding_negotiation(offered, chosen):
     caps = {"textDocument": {"inlineCompletion": {}}}

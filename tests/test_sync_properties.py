@@ -358,12 +358,11 @@ async def test_a_huge_document_gets_plain_text_completions_from_a_window():
 
 
 # ---- C1 end to end: the real server in each negotiated encoding --------------------------------------------------
-@pytest.mark.parametrize("encoding", [UTF8, UTF16])
+@pytest.mark.parametrize("encoding", [UTF8, UTF16, UTF32])
 async def test_the_server_keeps_the_clients_text_in_the_negotiated_encoding(encoding, tmp_path):
     """C1/C2/C3 over stdio: random edits expressed in the negotiated encoding, then a completion whose prompt
     (recorded by the scripted worker) holds exactly the client's text; a rejected edit turns AI features off
-    for the document until a full-text change. (The server never chooses UTF-32: it prefers UTF-8, else
-    UTF-16; the store's UTF-32 path is covered by the state machine.)"""
+    for the document until a full-text change."""
     record = tmp_path / "requests.jsonl"
     client = await RawClient.start("--fake-engine", json.dumps({"outputs": ["done"], "record_path": str(record)}))
     try:
