@@ -90,8 +90,11 @@ def main() -> int:
     if args.sessions:
         per = -(-args.sessions // args.split)
         jobs = [(name, per, args.steps, args.split == 1) for name in names for _ in range(args.split)]
+        results = []
         with multiprocessing.Pool(args.jobs) as pool:
-            results = pool.map(run_machine, jobs)
+            for result in pool.imap_unordered(run_machine, jobs):  # progress as parts finish
+                results.append(result)
+                print(f"  part done: {result[0]} {result[1]} sessions in {result[2]:.0f} s {result[3] or 'ok'}", flush=True)
         for name in names:  # one row per machine: sessions summed, wall time of its slowest part
             mine = [r for r in results if r[0] == name]
             rows.append((name, sum(r[1] for r in mine), max(r[2] for r in mine), "; ".join(r[3] for r in mine if r[3])))
