@@ -188,7 +188,7 @@ async def test_a_blank_line_asks_for_at_least_one_token_and_code_on_the_line_doe
 
 async def test_with_cursor_line_in_middle_typing_on_a_line_keeps_prefix_and_suffix_unchanged():
     settings = Settings()
-    settings.completion.cursor_line_in_middle = True
+    assert settings.completion.cursor_line_in_middle  # the default
     engine = ManualEngine()
     service = CompletionService(engine, settings)
     texts = ["def add(a, b):\n    ret|\n\nprint(add(1, 2))\n", "def add(a, b):\n    retu|\n\nprint(add(1, 2))\n"]
@@ -206,8 +206,10 @@ async def test_with_cursor_line_in_middle_typing_on_a_line_keeps_prefix_and_suff
 
 
 async def test_without_cursor_line_in_middle_the_line_ends_the_prefix():
+    settings = Settings()
+    settings.completion.cursor_line_in_middle = False
     engine = ManualEngine()
-    service = CompletionService(engine, Settings())
+    service = CompletionService(engine, settings)
     task = asyncio.create_task(service.complete(snap("def add(a, b):\n    ret|\n", version=1)))
     await until(lambda: len(engine.jobs) == 1)
     engine.finish(0, "urn a + b")
