@@ -188,7 +188,7 @@ async def test_a_blank_line_asks_for_at_least_one_token_and_code_on_the_line_doe
 
 async def test_with_cursor_line_in_middle_typing_on_a_line_keeps_prefix_and_suffix_unchanged():
     settings = Settings()
-    assert settings.completion.cursor_line_in_middle  # the default
+    settings.completion.cursor_line_in_middle = True
     engine = ManualEngine()
     service = CompletionService(engine, settings)
     texts = ["def add(a, b):\n    ret|\n\nprint(add(1, 2))\n", "def add(a, b):\n    retu|\n\nprint(add(1, 2))\n"]
