@@ -282,6 +282,7 @@ async def _complete(args: argparse.Namespace) -> int:
     offset = doc.offset_at(line - 1, max(0, column), UTF32)
     settings = Settings()
     settings.cache.enabled = False  # this command shows what the model does, every time
+    settings.completion.first_line_first = False  # one answer, the whole suggestion, with its real timings
     try:
         model_path = resolve_model(args.model)
     except ModelInstallError as exc:

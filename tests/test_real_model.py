@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -65,6 +66,14 @@ def test_cli_complete_prints_the_suggestion_and_timings(tiny_gguf, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "--- suggestion ---" in out.stdout
     assert "timings: load" in out.stdout and "prefill" in out.stdout and "total" in out.stdout
+    # On an empty line (a multi-line suggestion) too: the whole generation, with its real token counts.
+    out = subprocess.run(
+        [sys.executable, "-m", "lsp_server", "complete", f"{sample}:3:1", "--model", str(tiny_gguf)],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ},
+    )
+    assert out.returncode == 0, out.stderr
+    prompt_tokens = re.search(r"tokens: (\d+) in the prompt", out.stdout)
+    assert prompt_tokens and int(prompt_tokens.group(1)) > 0, out.stdout
 
 
 def test_cli_help_lists_the_commands():
