@@ -59,19 +59,16 @@ class Shown:
     offset: int
     suggestion: str
 
+    def typed_since(self, snapshot: Snapshot) -> str | None:
+        """The characters typed at this suggestion's cursor to make `snapshot` (None: not just typing there)."""
+        return typed_since(Snapshot(self.uri, 0, self.text, self.offset, ""), snapshot)
+
     def rest_after_typing(self, snapshot: Snapshot) -> str:
         """What is left of the suggestion when `snapshot` is this one plus typed characters that start it."""
-        typed_len = snapshot.offset - self.offset
-        if snapshot.uri != self.uri or not 0 < typed_len < len(self.suggestion):
+        typed = self.typed_since(snapshot)
+        if not typed or len(typed) >= len(self.suggestion) or not self.suggestion.startswith(typed):
             return ""
-        if len(snapshot.text) != len(self.text) + typed_len:
-            return ""
-        typed = snapshot.text[self.offset : snapshot.offset]
-        if not self.suggestion.startswith(typed):
-            return ""
-        if snapshot.text[: self.offset] != self.text[: self.offset] or snapshot.text[snapshot.offset :] != self.text[self.offset :]:
-            return ""
-        return self.suggestion[typed_len:]
+        return self.suggestion[len(typed):]
 
 
 def state_after_first_line(snapshot: Snapshot, suggestion: str, ctx: CompletionContext) -> Snapshot | None:
@@ -368,8 +365,7 @@ class CompletionService:
         if result.finish in ("crashed", "not_ready", "error", "cancelled"):
             timings = {"context": context_ms, "prefill": result.prefill_ms, "decode": result.decode_ms, "total": total_ms}
             return Completion("", f"generation {result.finish} {result.error}".strip(), timings, result)
-        if self.cache is not None and key and result.finish != "timeout":
-            self.cache.put(key, {"text": result.text, "finish": result.finish})
+        self._remember(key, result)
         spent_s = (result.prefill_ms + result.decode_ms) / 1000.0
         self._model_latency_s = spent_s if self._model_latency_s is None else 0.7 * self._model_latency_s + 0.3 * spent_s
         return await self._finish(snapshot, prepared, result, t0, context_ms, "miss")
@@ -412,8 +408,7 @@ class CompletionService:
             result: GenerationResult = job.result()
             if result.finish in _FAILED:
                 return None
-            if self.cache is not None and running.key and result.finish != "timeout":
-                self.cache.put(running.key, {"text": result.text, "finish": result.finish})
+            self._remember(running.key, result)
             await self._finish(running.snapshot, running.prepared, result, t0, 0.0, "miss")
         shown = self._shown.get(snapshot.uri)
         rest = shown.rest_after_typing(snapshot) if shown is not None and shown.offset == running.snapshot.offset else ""
@@ -446,14 +441,19 @@ class CompletionService:
         result: GenerationResult = await asyncio.shield(req.job.future)
         if result.finish in _FAILED:
             return
-        if self.cache is not None and req.key and result.finish != "timeout":
-            self.cache.put(req.key, {"text": result.text, "finish": result.finish})
+        self._remember(req.key, result)
         shown = self._shown.get(snapshot.uri)
-        on_the_way = shown is not None and (shown.offset == snapshot.offset and shown.text == snapshot.text or typed_since(
-            snapshot, Snapshot(shown.uri, snapshot.version, shown.text, shown.offset, snapshot.language_id)) is not None)
+        # Still on the way: the suggestion shown is this one's, or what was left of it after typing its start.
+        on_the_way = shown is not None and (shown.offset == snapshot.offset and shown.text == snapshot.text
+                                            or typed_since(snapshot, Snapshot(shown.uri, 0, shown.text, shown.offset, "")) is not None)
         completion = await self._finish(snapshot, prepared, result, t0, context_ms, "miss", remember=on_the_way)
         if on_the_way and not completion.text.startswith(req.first_line):
             self._shown.pop(snapshot.uri, None)  # the whole text begins otherwise than the line shown
+
+    def _remember(self, key: str, result: GenerationResult) -> None:
+        """A finished generation's text into the response cache (a timed-out one is cut short: not kept)."""
+        if self.cache is not None and key and result.finish != "timeout":
+            self.cache.put(key, {"text": result.text, "finish": result.finish})
 
     def _note_keystroke(self, now: float) -> None:
         gap = now - self._last_request_at

@@ -156,16 +156,19 @@ class WorkerClient:
         if old is not None and old.poll() is None:
             # Two starts in a row (a settings change while the first load was still being set up): one worker.
             old.kill()
+        self._close_pipe_to_worker()
+        self._answer_all("model worker restarted")  # jobs of a stopped worker whose exit was not seen yet
+        self.policy = RestartPolicy(self.config.restart_backoff_initial_s, self.config.restart_backoff_max_s,
+                                    self.config.breaker_crashes, self.config.breaker_window_s)
+        self._spawn()
+
+    def _close_pipe_to_worker(self) -> None:
         if self._fd_to_worker is not None:
             try:
                 os.close(self._fd_to_worker)
             except OSError:
                 pass
             self._fd_to_worker = None
-        self._answer_all("model worker restarted")  # jobs of a stopped worker whose exit was not seen yet
-        self.policy = RestartPolicy(self.config.restart_backoff_initial_s, self.config.restart_backoff_max_s,
-                                    self.config.breaker_crashes, self.config.breaker_window_s)
-        self._spawn()
 
     def fail(self, detail: str) -> None:
         """Mark the engine unusable without starting a worker (e.g. no model file to load)."""
@@ -290,12 +293,7 @@ class WorkerClient:
             return
         self._proc = None
         self.pid = None
-        if self._fd_to_worker is not None:
-            try:
-                os.close(self._fd_to_worker)
-            except OSError:
-                pass
-            self._fd_to_worker = None
+        self._close_pipe_to_worker()
         why = (f"model worker hung (no progress for {self.config.hang_timeout_s:g} s)" if self._hung
                else f"model worker exited with {code}")
         self._answer_all(why)
